@@ -1,0 +1,113 @@
+"""The `balora_*` YAML keys: pydantic fields merged into Axolotl's config schema.
+
+Validation runs on the raw YAML (mode="before"), so the messages name the
+key exactly as the user wrote it. The value checks themselves live in the
+core (`BALoRAConfig`), shared with plain-transformers users.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import fields
+from typing import Any
+
+from pydantic import BaseModel, model_validator
+
+from .core.config import BALoRAConfig
+
+ADAPTER_NAME = "balora"
+_DEFAULTS = BALoRAConfig()
+BALORA_KEYS = tuple(f"balora_{field.name}" for field in fields(BALoRAConfig))
+
+# Options whose Axolotl code paths only handle adapter "lora"/"qlora" and would
+# silently do something else for a balora run; refused until supported.
+_UNSUPPORTED_WITH_BALORA = {
+    "load_in_4bit": "4-bit loading is only wired for adapter: qlora in Axolotl; "
+    "BA-LoRA on a quantized base is not supported yet",
+    "load_in_8bit": "8-bit loading is only wired for adapter: lora in Axolotl; "
+    "BA-LoRA on a quantized base is not supported yet",
+    "gptq": "BA-LoRA needs a dense base weight for its PiSSA init",
+    "peft_use_dora": "BA-LoRA is a LoRA method, not DoRA",
+    "lora_mlp_kernel": "the fused LoRA kernels bypass the PEFT forward that BA-LoRA relies on",
+    "lora_qkv_kernel": "the fused LoRA kernels bypass the PEFT forward that BA-LoRA relies on",
+    "lora_o_kernel": "the fused LoRA kernels bypass the PEFT forward that BA-LoRA relies on",
+    "lora_embedding_kernel": "the fused LoRA kernels bypass the PEFT forward that BA-LoRA relies on",
+    "flash_attn_fuse_mlp": "fused MLP modules are not LoRA targets",
+    "use_onebitllms": "one-bit LLM layers are not LoRA targets",
+    "relora": "ReLoRA restarts would drop the frozen initial factors",
+}
+
+
+def config_from_mapping(values: dict[str, Any]) -> BALoRAConfig:
+    """BALoRAConfig from `balora_*` keys (missing or None keys take the spec default)."""
+    kwargs = {
+        field.name: values[f"balora_{field.name}"]
+        for field in fields(BALoRAConfig)
+        if values.get(f"balora_{field.name}") is not None
+    }
+    return BALoRAConfig(**kwargs)
+
+
+def _check_keys(data: dict[str, Any]) -> None:
+    present = [key for key in data if isinstance(key, str) and key.startswith("balora_")]
+    for key in present:
+        if key not in BALORA_KEYS:
+            close = difflib.get_close_matches(key, BALORA_KEYS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"{key}: unknown BA-LoRA key.{hint} Known keys: {', '.join(BALORA_KEYS)}"
+            )
+    set_keys = [key for key in present if data[key] is not None]
+    if set_keys and data.get("adapter") != ADAPTER_NAME:
+        raise ValueError(
+            f"{', '.join(set_keys)} set while adapter is {data.get('adapter')!r}; "
+            f"set `adapter: {ADAPTER_NAME}` to train BA-LoRA, or remove the balora_* keys"
+        )
+
+
+def _check_compatibility(data: dict[str, Any]) -> None:
+    for key, reason in _UNSUPPORTED_WITH_BALORA.items():
+        if data.get(key):
+            raise ValueError(
+                f"{key}: {data[key]!r} is not supported with adapter: {ADAPTER_NAME} ({reason}); "
+                f"remove {key} or set it to false"
+            )
+
+
+class BALoRAArgs(BaseModel):
+    """BA-LoRA options (see README for each key's meaning).
+
+    Unset keys stay None on non-BA-LoRA configs, so a dumped config can be
+    validated again; on `adapter: balora` they are filled with the spec's
+    defaults (`BALoRAConfig`), which is what the run uses.
+    """
+
+    balora_lambda_consistency: float | None = None
+    balora_lambda_diversity: float | None = None
+    balora_lambda_svd: float | None = None
+    balora_temperature: float | None = None
+    balora_diversity_top_k: int | None = None
+    balora_svd_top_k: int | None = None
+    balora_svd_norm: str | None = None
+    balora_init: str | None = None
+    balora_lambda_schedule: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _validate_balora(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        _check_keys(data)
+        if data.get("adapter") == ADAPTER_NAME:
+            config_from_mapping(data)
+            _check_compatibility(data)
+        return data
+
+    @model_validator(mode="after")
+    def _fill_balora_defaults(self) -> "BALoRAArgs":
+        if getattr(self, "adapter", None) == ADAPTER_NAME:
+            for field in fields(BALoRAConfig):
+                key = f"balora_{field.name}"
+                if getattr(self, key) is None:
+                    setattr(self, key, getattr(_DEFAULTS, field.name))
+        return self

@@ -1,0 +1,104 @@
+"""BA-LoRA hyper-parameters and their validation.
+
+The core and the Axolotl layer validate through the same function, so a bad
+value gets the same message whether it comes from Python or from a YAML file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+INIT_CHOICES = ("pissa", "pissa_niter_<N>", "gaussian")
+SCHEDULE_CHOICES = ("paper", "constant")
+SVD_NORM_CHOICES = ("frobenius", "nuclear")
+_PISSA_NITER = re.compile(r"^pissa_niter_(\d+)$")
+
+
+def parse_init(init: str) -> tuple[str, int | None]:
+    """Split an init name into its method and the randomized-SVD iteration count.
+
+    Returns ("pissa", None), ("pissa", N) or ("gaussian", None); raises
+    ValueError naming the accepted forms otherwise.
+    """
+    if init in ("pissa", "gaussian"):
+        return init, None
+    match = _PISSA_NITER.match(str(init))
+    if match and int(match.group(1)) >= 1:
+        return "pissa", int(match.group(1))
+    raise ValueError(
+        f"balora_init: {init!r} is not a known initialization; allowed: "
+        "'pissa' (exact SVD), 'pissa_niter_N' with N >= 1 (randomized SVD, e.g. "
+        "'pissa_niter_16'), 'gaussian' (plain LoRA init)"
+    )
+
+
+def _check(condition: bool, key: str, value: object, allowed: str) -> None:
+    if not condition:
+        raise ValueError(f"{key}: {value!r} is not allowed; {allowed}")
+
+
+@dataclass(frozen=True)
+class BALoRAConfig:
+    """Regularizer weights and shapes; defaults are the spec's (LLaMA-2-7B, MetaMathQA)."""
+
+    lambda_consistency: float = 0.025
+    lambda_diversity: float = 0.005
+    lambda_svd: float = 0.005
+    temperature: float = 2.0
+    diversity_top_k: int = 20
+    svd_top_k: int = 10
+    svd_norm: str = "frobenius"
+    init: str = "pissa"
+    lambda_schedule: str = "paper"
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_consistency", "lambda_diversity", "lambda_svd"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, (int, float)) and value >= 0,
+                f"balora_{name}",
+                value,
+                "use a number >= 0 (0 turns the term off)",
+            )
+        _check(
+            isinstance(self.temperature, (int, float)) and self.temperature > 0,
+            "balora_temperature",
+            self.temperature,
+            "use a number > 0 (the spec's default is 2.0)",
+        )
+        _check(
+            isinstance(self.diversity_top_k, int) and self.diversity_top_k >= 0,
+            "balora_diversity_top_k",
+            self.diversity_top_k,
+            "use an integer >= 0 (0 means the full vocabulary)",
+        )
+        _check(
+            isinstance(self.svd_top_k, int) and self.svd_top_k >= 1,
+            "balora_svd_top_k",
+            self.svd_top_k,
+            "use an integer >= 1 (set balora_lambda_svd: 0 to turn the term off)",
+        )
+        _check(
+            self.svd_norm in SVD_NORM_CHOICES,
+            "balora_svd_norm",
+            self.svd_norm,
+            f"allowed: {', '.join(SVD_NORM_CHOICES)}",
+        )
+        _check(
+            self.lambda_schedule in SCHEDULE_CHOICES,
+            "balora_lambda_schedule",
+            self.lambda_schedule,
+            f"allowed: {', '.join(SCHEDULE_CHOICES)}",
+        )
+        parse_init(self.init)
+
+    @property
+    def regularized(self) -> bool:
+        """Whether any regularizer has a non-zero weight (else the step is plain PiSSA/LoRA)."""
+        return any(
+            (self.lambda_consistency, self.lambda_diversity, self.lambda_svd)
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)

@@ -1,0 +1,136 @@
+"""Save a BA-LoRA model as an ordinary PEFT LoRA adapter for the ORIGINAL base model.
+
+The learned delta s * (B A - B0 A0) equals s * [B, -B0] [A; A0], a rank-2r
+LoRA with the same scaling. Every save writes that adapter at the top of the
+directory (what PEFT, vLLM and `axolotl merge-lora` load) and both raw PEFT
+adapters under TRAINING_STATE_DIR (what resuming needs). Files are written
+to a temporary folder first and moved into place, so an interrupted save
+never leaves a half-written adapter where a good one was.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import types
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from peft import LoraConfig, PeftModel
+from peft.utils import get_peft_model_state_dict
+
+from .adapters import FROZEN_ADAPTER, TRAINABLE_ADAPTER, TRAINING_STATE_DIR
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def doubled_rank_config(config: LoraConfig) -> LoraConfig:
+    """LoraConfig of rank 2r with, module by module, the same scaling as `config`.
+
+    rsLoRA and rank/alpha patterns are folded into plain alpha values, so the
+    exported config needs no BA-LoRA or rsLoRA knowledge to reproduce the delta.
+    """
+    pattern_keys = set(config.rank_pattern or {}) | set(config.alpha_pattern or {})
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for key in pattern_keys:
+        rank = (config.rank_pattern or {}).get(key, config.r)
+        alpha = (config.alpha_pattern or {}).get(key, config.lora_alpha)
+        rank_pattern[key] = 2 * rank
+        alpha_pattern[key] = 2 * rank * _scaling(alpha, rank, config.use_rslora)
+    return replace(
+        config,
+        r=2 * config.r,
+        lora_alpha=2 * config.r * _scaling(config.lora_alpha, config.r, config.use_rslora),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        use_rslora=False,
+        init_lora_weights=True,
+    )
+
+
+def standard_lora_export(
+    model: PeftModel, state_dict: dict[str, torch.Tensor] | None = None
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """(config, weights) of the standard LoRA adapter equivalent to the BA-LoRA model.
+
+    `state_dict` is the full model state dict when the caller gathered it
+    (sharded training); otherwise the model's own is used.
+    """
+    config = model.peft_config[TRAINABLE_ADAPTER]
+    trained = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=TRAINABLE_ADAPTER)
+    if FROZEN_ADAPTER not in model.peft_config:
+        return replace(config, init_lora_weights=True), trained
+    frozen = get_peft_model_state_dict(
+        model, state_dict=state_dict, adapter_name=FROZEN_ADAPTER, save_embedding_layers=False
+    )
+    weights = {}
+    for key, value in trained.items():
+        if key in frozen and ".lora_A." in key:
+            weights[key] = torch.cat([value, frozen[key].to(value.dtype)], dim=0)
+        elif key in frozen and ".lora_B." in key:
+            weights[key] = torch.cat([value, frozen[key].to(value.dtype)], dim=1)
+        else:
+            weights[key] = value
+    return doubled_rank_config(config), weights
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Move `source` to `target`, replacing it; the old copy is removed only after the move."""
+    if target.exists():
+        trash = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, trash)
+        os.replace(source, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(source, target)
+
+
+def save_balora_adapter(
+    model: PeftModel,
+    save_directory: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    is_main_process: bool = True,
+    **peft_kwargs: Any,
+) -> None:
+    """Write the standard adapter at `save_directory` and the training state beneath it."""
+    if not is_main_process:
+        return
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".balora-save-") as staging:
+        staging_path = Path(staging)
+        state_path = staging_path / TRAINING_STATE_DIR
+        type(model).save_pretrained(model, state_path, state_dict=state_dict, **peft_kwargs)
+        config, weights = standard_lora_export(model, state_dict)
+        export_path = staging_path / "export"
+        export_path.mkdir()
+        config.save_pretrained(export_path)
+        safetensors.torch.save_file(
+            {k: v.detach().contiguous().cpu() for k, v in weights.items()},
+            export_path / ADAPTER_WEIGHTS,
+            metadata={"format": "pt"},
+        )
+        _replace_dir(state_path, directory / TRAINING_STATE_DIR)
+        # Each file is replaced whole (rename); neither is ever half-written.
+        os.replace(export_path / ADAPTER_WEIGHTS, directory / ADAPTER_WEIGHTS)
+        os.replace(export_path / ADAPTER_CONFIG, directory / ADAPTER_CONFIG)
+
+
+def install_standard_save(model: PeftModel) -> None:
+    """Make `model.save_pretrained` (used by Trainer, Axolotl, signal handlers) write the export."""
+
+    def save_pretrained(self: PeftModel, save_directory: str, **kwargs: Any) -> None:
+        save_balora_adapter(self, save_directory, **kwargs)
+
+    model.save_pretrained = types.MethodType(save_pretrained, model)

@@ -1,0 +1,145 @@
+"""PiSSA-style initialization without touching the pre-trained weights.
+
+Each targeted linear layer computes W x + s * (B A dropout(x) - B0 A0 x):
+the trainable LoRA adapter ("default") starts at the principal factors
+(B0, A0), and a second PEFT LoRA adapter (FROZEN_ADAPTER) carries (A0, -B0)
+and stays active alongside it. W itself is never modified, so disabling the
+adapters gives the pre-trained model exactly, and the learned delta
+s * (B A - B0 A0) is an ordinary rank-2r LoRA. The frozen factors are stored
+as buffers, not parameters, so nothing (optimizer, `requires_grad_`, PEFT's
+`enable_adapters`) can ever make them trainable, while they still travel in
+every state dict and checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from .adapters import FROZEN_ADAPTER, TRAINABLE_ADAPTER
+from .config import parse_init
+from .export import install_standard_save
+
+LOG = logging.getLogger(__name__)
+
+# Fixed seed for randomized SVD, so every process computes the same factors.
+RANDOMIZED_SVD_SEED = 20240808
+
+
+def principal_factors(
+    weight: torch.Tensor, rank: int, scaling: float, niter: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B0, A0) in float32 with scaling * B0 @ A0 = best rank-r approximation of `weight`.
+
+    `niter=None` uses the exact SVD; otherwise torch.svd_lowrank with `niter`
+    power iterations under a fixed seed (the global RNG is left untouched).
+    """
+    matrix = weight.detach().float()
+    if niter is None:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    else:
+        devices = [matrix.device] if matrix.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(RANDOMIZED_SVD_SEED)
+            u, s, v = torch.svd_lowrank(matrix, q=rank, niter=niter)
+        vh = v.T
+    root = torch.sqrt(s / scaling)
+    return u * root, root[:, None] * vh
+
+
+def _dense_base_weight(layer: LoraLayer) -> torch.Tensor:
+    base = layer.get_base_layer()
+    if not isinstance(base, nn.Linear) or type(base).__module__.startswith("bitsandbytes"):
+        raise NotImplementedError(
+            f"BA-LoRA PiSSA init supports plain nn.Linear targets; got {type(base).__name__}. "
+            "Remove this module from lora_target_modules or use balora_init: gaussian."
+        )
+    weight = base.weight
+    return weight.T if layer.fan_in_fan_out else weight
+
+
+def _as_buffer(linear: nn.Linear, value: torch.Tensor) -> None:
+    """Replace the Linear's weight parameter by a buffer holding `value` (never trainable)."""
+    del linear.weight
+    linear.register_buffer("weight", value)
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+def attach_frozen_factors(model: PeftModel, lora_config: LoraConfig, niter: int | None) -> None:
+    """Set the trainable adapter to (B0, A0) and add the frozen (A0, -B0) adapter."""
+    frozen_config = replace(
+        lora_config, lora_dropout=0.0, init_lora_weights=True, modules_to_save=None
+    )
+    model.add_adapter(FROZEN_ADAPTER, frozen_config)
+    layers = lora_layers(model)
+    for index, (name, layer) in enumerate(layers, start=1):
+        if TRAINABLE_ADAPTER not in layer.lora_A:
+            continue
+        lora_a = layer.lora_A[TRAINABLE_ADAPTER]
+        lora_b = layer.lora_B[TRAINABLE_ADAPTER]
+        b0, a0 = principal_factors(
+            _dense_base_weight(layer),
+            rank=layer.r[TRAINABLE_ADAPTER],
+            scaling=layer.scaling[TRAINABLE_ADAPTER],
+            niter=niter,
+        )
+        with torch.no_grad():
+            lora_a.weight.copy_(a0.to(lora_a.weight.dtype))
+            lora_b.weight.copy_(b0.to(lora_b.weight.dtype))
+        # Copy after the cast so the frozen pair cancels the trainable one bit for bit.
+        _as_buffer(layer.lora_A[FROZEN_ADAPTER], lora_a.weight.detach().clone())
+        _as_buffer(layer.lora_B[FROZEN_ADAPTER], -lora_b.weight.detach().clone())
+        layer.set_adapter([TRAINABLE_ADAPTER, FROZEN_ADAPTER])
+        if index % 50 == 0 or index == len(layers):
+            LOG.info("BA-LoRA PiSSA init: %d/%d layers (%s)", index, len(layers), name)
+
+
+def check_frozen_factors_active(model: nn.Module) -> None:
+    """Fail loudly if something re-activated only the trainable adapter.
+
+    Without the frozen adapter a PiSSA-initialized layer computes W + s B A,
+    a different model from the one being trained; that must never pass silently.
+    """
+    for name, layer in lora_layers(model):
+        if FROZEN_ADAPTER in layer.lora_A and FROZEN_ADAPTER not in layer.active_adapters:
+            raise RuntimeError(
+                f"BA-LoRA: the frozen initial factors of {name} are not active "
+                f"(active: {layer.active_adapters}). Something called set_adapter() "
+                f"on the model; re-activate with "
+                f"axolotl_balora.core.init.activate_balora_adapters(model)."
+            )
+
+
+def activate_balora_adapters(model: nn.Module) -> None:
+    """Make the trainable and frozen adapters active together on every BA-LoRA layer."""
+    for _, layer in lora_layers(model):
+        if FROZEN_ADAPTER in layer.lora_A:
+            layer.set_adapter([TRAINABLE_ADAPTER, FROZEN_ADAPTER])
+
+
+def apply_balora(model: nn.Module, lora_config: LoraConfig, init: str = "pissa") -> PeftModel:
+    """Wrap `model` with a BA-LoRA adapter described by a standard LoraConfig.
+
+    The returned PeftModel, with adapters disabled, is the pre-trained model
+    exactly; at step 0 with adapters enabled (and dropout off) it equals it up
+    to float rounding.
+    """
+    method, niter = parse_init(init)
+    if lora_config.use_dora:
+        raise NotImplementedError("BA-LoRA does not support DoRA (peft_use_dora); turn it off.")
+    config = replace(lora_config, init_lora_weights=True)
+    peft_model = get_peft_model(model, config)
+    if method == "pissa":
+        LOG.info("BA-LoRA: computing PiSSA factors (%s) in float32", init)
+        attach_frozen_factors(peft_model, config, niter)
+    install_standard_save(peft_model)
+    return peft_model

@@ -1,0 +1,96 @@
+"""Evaluate the three regularizers for one micro-batch, robust to numerical faults.
+
+This is the seam between the trainer and the loss implementations: the plain
+path below uses the readable functions of `losses`; a fused, chunked path
+can return the same `RegularizerTerms` without ever building full logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .config import BALoRAConfig
+from .losses import consistency_kl, diversity_entropy, svd_ratio
+from .schedules import Lambdas
+
+LOG = logging.getLogger(__name__)
+
+TERM_NAMES = ("consistency", "diversity", "svd")
+
+
+@dataclass
+class RegularizerTerms:
+    """Each term of one micro-batch (absent = off or skipped) and how many were skipped."""
+
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def weighted_sum(self, lambdas: Lambdas) -> torch.Tensor | float:
+        total: torch.Tensor | float = 0.0
+        for name, value in self.values.items():
+            weight = getattr(lambdas, name)
+            if weight > 0:
+                total = total + weight * value
+        return total
+
+
+def _evaluate(
+    name: str, compute: Callable[[], torch.Tensor], with_grad: bool, terms: RegularizerTerms
+) -> None:
+    """Run one term; a failed SVD or a non-finite value is skipped and counted, never raised."""
+    grad_context = contextlib.nullcontext() if with_grad else torch.no_grad()
+    try:
+        with grad_context:
+            value = compute()
+    except torch.linalg.LinAlgError as error:
+        LOG.warning("BA-LoRA: %s term skipped for this step (SVD failed: %s)", name, error)
+        terms.skipped[name] = terms.skipped.get(name, 0) + 1
+        return
+    if not torch.isfinite(value).all():
+        LOG.warning("BA-LoRA: %s term skipped for this step (non-finite value)", name)
+        terms.skipped[name] = terms.skipped.get(name, 0) + 1
+        return
+    terms.values[name] = value
+
+
+def plain_regularizer_terms(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    config: BALoRAConfig,
+    lambdas: Lambdas,
+) -> RegularizerTerms:
+    """Compute the terms from full logits.
+
+    A term whose configured lambda is 0 is not computed at all; a term whose
+    scheduled lambda is 0 at this step (the paper's warm-up) is computed
+    without gradient, only so that its curve shows in the logs.
+    """
+    terms = RegularizerTerms()
+    if ref_logits is not None and config.lambda_consistency > 0:
+        _evaluate(
+            "consistency",
+            lambda: consistency_kl(logits, ref_logits, labels, config.temperature),
+            lambdas.consistency > 0,
+            terms,
+        )
+    if config.lambda_diversity > 0:
+        _evaluate(
+            "diversity",
+            lambda: diversity_entropy(logits, labels, config.diversity_top_k),
+            lambdas.diversity > 0,
+            terms,
+        )
+    if config.lambda_svd > 0:
+        _evaluate(
+            "svd",
+            lambda: svd_ratio(logits, labels, config.svd_top_k, config.svd_norm),
+            lambdas.svd > 0,
+            terms,
+        )
+    return terms

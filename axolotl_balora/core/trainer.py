@@ -1,0 +1,109 @@
+"""A Trainer mixin that adds the BA-LoRA regularizers to the task loss.
+
+Works on top of any `transformers.Trainer` subclass (plain Trainer, TRL's
+SFTTrainer, Axolotl's trainer): put it first in the bases, e.g.
+`class MyTrainer(BALoRATrainerMixin, Trainer)`, and pass `balora_config=`.
+The task loss comes from the parent's `compute_loss`, so packing, loss
+kwargs and gradient-accumulation normalization stay the parent's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import BALoRAConfig
+from .init import check_frozen_factors_active
+from .losses import IGNORE_INDEX
+from .regularizers import TERM_NAMES, RegularizerTerms, plain_regularizer_terms
+from .schedules import Lambdas, lambdas_at
+
+LOG = logging.getLogger(__name__)
+
+# Keys of the model inputs that are not model inputs for the reference forward.
+_TASK_ONLY_KEYS = ("labels", "num_items_in_batch")
+
+
+class BALoRATrainerMixin:
+    """Adds lambda1 L_CR + lambda2 L_DR + lambda3 L_SVDR to the training loss and logs them."""
+
+    def __init__(self, *args: Any, balora_config: BALoRAConfig | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.balora_config = balora_config or BALoRAConfig()
+        self._balora_log_buffer: dict[str, list[float]] = defaultdict(list)
+        self._balora_checked = False
+
+    # -- loss ---------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training or not self.balora_config.regularized:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        if not self._balora_checked:
+            check_frozen_factors_active(self.accelerator.unwrap_model(model))
+            self._balora_checked = True
+        labels = inputs["labels"]
+        task_loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        lambdas = lambdas_at(self.balora_config, self.state.global_step, self.state.max_steps)
+        ref_logits = (
+            self.reference_logits(model, inputs) if lambdas.consistency > 0 else None
+        )
+        terms = plain_regularizer_terms(
+            outputs.logits, ref_logits, labels, self.balora_config, lambdas
+        )
+        regularizer = terms.weighted_sum(lambdas)
+        loss = task_loss + self.regularizer_weight(labels, num_items_in_batch) * regularizer
+        self._record(terms, lambdas)
+        return (loss, outputs) if return_outputs else loss
+
+    def reference_logits(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """Logits of the pre-trained model: the same forward with every adapter disabled, no grad."""
+        peft_model = self.accelerator.unwrap_model(model)
+        reference_inputs = {k: v for k, v in inputs.items() if k not in _TASK_ONLY_KEYS}
+        with torch.no_grad(), peft_model.disable_adapter():
+            return model(**reference_inputs).logits.detach()
+
+    def regularizer_weight(self, labels: torch.Tensor, num_items_in_batch: Any) -> float | torch.Tensor:
+        """Scale that makes a per-micro-batch mean add up like the task loss does.
+
+        When the parent normalizes the task loss by the token count of the whole
+        accumulated (and device-averaged) batch, the parent does not divide by
+        the accumulation steps, so each micro-batch's regularizers are weighted
+        by its share of those tokens. Otherwise the parent divides the returned
+        loss by the accumulation steps itself and the weight is 1.
+        """
+        if num_items_in_batch is None or not getattr(self, "model_accepts_loss_kwargs", False):
+            return 1.0
+        local_tokens = (labels[..., 1:] != IGNORE_INDEX).sum()
+        weight = local_tokens / num_items_in_batch
+        if getattr(self.args, "average_tokens_across_devices", False):
+            processes = self.accelerator.num_processes
+            parallelism = getattr(self.accelerator, "parallelism_config", None)
+            if parallelism is not None:
+                processes //= parallelism.tp_size
+            weight = weight * processes
+        return weight
+
+    # -- logging ------------------------------------------------------------
+    def _record(self, terms: RegularizerTerms, lambdas: Lambdas) -> None:
+        for name in TERM_NAMES:
+            if name in terms.values:
+                self._balora_log_buffer[f"balora/{name}"].append(terms.values[name].item())
+            self._balora_log_buffer[f"balora/lambda_{name}"].append(getattr(lambdas, name))
+            if name in terms.skipped:
+                self._balora_log_buffer[f"balora/skipped_{name}"].append(terms.skipped[name])
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Attach the mean of each term since the last training log (counts are summed)."""
+        if "loss" in logs and self._balora_log_buffer:
+            for key, values in self._balora_log_buffer.items():
+                total = sum(values)
+                logs[key] = total if key.startswith("balora/skipped") else total / len(values)
+            self._balora_log_buffer.clear()
+        super().log(logs, *args, **kwargs)

@@ -1,0 +1,59 @@
+"""The Axolotl plugin: thin glue from YAML keys and Axolotl hooks to the core.
+
+Declares the `balora` adapter (LoRA-like, so every `lora_*` key applies),
+builds the adapter with the core's PiSSA init, and hands Axolotl a trainer
+that is Axolotl's own with the BA-LoRA loss mixed in.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from axolotl.core.trainers.base import AxolotlTrainer
+from axolotl.integrations.base import AdapterCapabilities, BasePlugin
+from axolotl.loaders.adapter import load_lora
+from axolotl.utils.dict import DictDefault
+from transformers import PreTrainedModel, Trainer
+
+from .args import ADAPTER_NAME, config_from_mapping
+from .core.init import apply_balora
+from .core.trainer import BALoRATrainerMixin
+
+LOG = logging.getLogger(__name__)
+
+
+class BALoRATrainer(BALoRATrainerMixin, AxolotlTrainer):
+    """Axolotl's trainer with the BA-LoRA regularizers added to the loss."""
+
+
+def _is_balora(cfg: DictDefault) -> bool:
+    return cfg.adapter == ADAPTER_NAME
+
+
+class BALoRAPlugin(BasePlugin):
+    """`plugins: [axolotl_balora.BALoRAPlugin]` + `adapter: balora` in an Axolotl YAML."""
+
+    def get_input_args(self) -> str:
+        return "axolotl_balora.args.BALoRAArgs"
+
+    def get_adapter_capabilities(self) -> list[AdapterCapabilities]:
+        return [AdapterCapabilities(name=ADAPTER_NAME, lora_like=True)]
+
+    def load_adapter(self, model: PreTrainedModel, cfg: DictDefault, inference: bool = False,
+                     config_only: bool = False):
+        """Build the BA-LoRA adapter for training; loading a saved adapter is Axolotl's job."""
+        if not _is_balora(cfg) or inference or config_only or cfg.lora_model_dir:
+            return None
+        _, lora_config = load_lora(model, cfg, config_only=True)
+        LOG.info("BA-LoRA: building adapter (init=%s, r=%s)", cfg.balora_init, cfg.lora_r)
+        peft_model = apply_balora(model, lora_config, init=cfg.balora_init)
+        peft_model.print_trainable_parameters()
+        return peft_model, lora_config
+
+    def get_trainer_cls(self, cfg: DictDefault) -> type[Trainer] | None:
+        return BALoRATrainer if _is_balora(cfg) else None
+
+    def post_trainer_create(self, cfg: DictDefault, trainer: Trainer) -> None:
+        if _is_balora(cfg) and isinstance(trainer, BALoRATrainerMixin):
+            trainer.balora_config = config_from_mapping(dict(cfg))
+            LOG.info("BA-LoRA regularizers: %s", trainer.balora_config.as_dict())

@@ -1,0 +1,90 @@
+"""Build a tiny random LLaMA (with its own small tokenizer) and a local dataset, offline.
+
+Used by the tests that go through the real `axolotl train` CLI: a model
+directory and an alpaca-style jsonl that Axolotl loads like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+def arithmetic_records(count: int, seed: int = 0) -> list[dict[str, str]]:
+    """Short alpaca-format instruction/response pairs (word problems with exact answers)."""
+    rng = random.Random(seed)
+    names = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay"]
+    items = ["apples", "books", "coins", "pens", "stamps"]
+    records = []
+    for _ in range(count):
+        a, b = rng.randint(2, 40), rng.randint(2, 40)
+        name, item = rng.choice(names), rng.choice(items)
+        records.append(
+            {
+                "instruction": f"{name} has {a} {item} and gets {b} more. How many {item} now?",
+                "input": "",
+                "output": f"{name} has {a} + {b} = {a + b} {item}. The answer is {a + b}.",
+            }
+        )
+    return records
+
+
+def write_jsonl(records: list[dict[str, str]], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def build_tokenizer(texts: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS)
+    tokenizer.train_from_iterator(texts, trainer)
+    from tokenizers import decoders
+
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
+
+
+def build_tiny_llama(directory: Path, seed: int = 0) -> Path:
+    """A 2-layer random LlamaForCausalLM + BPE tokenizer saved as a normal model folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    records = arithmetic_records(200, seed=seed)
+    texts = [" ".join(r.values()) for r in records] + [
+        "Below is an instruction that describes a task. Write a response that "
+        "appropriately completes the request. ### Instruction: ### Response:"
+    ]
+    tokenizer = build_tokenizer(texts)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
