@@ -33,11 +33,29 @@ def _is_balora(cfg: DictDefault) -> bool:
 class BALoRAPlugin(BasePlugin):
     """`plugins: [axolotl_balora.BALoRAPlugin]` + `adapter: balora` in an Axolotl YAML."""
 
+    def register(self, cfg: dict) -> None:
+        """Show this package's progress logs the way Axolotl shows its own."""
+        package_logger = logging.getLogger("axolotl_balora")
+        axolotl_logger = logging.getLogger("axolotl")
+        package_logger.setLevel(axolotl_logger.level)
+        for handler in axolotl_logger.handlers:
+            if handler not in package_logger.handlers:
+                package_logger.addHandler(handler)
+        package_logger.propagate = False
+
     def get_input_args(self) -> str:
         return "axolotl_balora.args.BALoRAArgs"
 
     def get_adapter_capabilities(self) -> list[AdapterCapabilities]:
         return [AdapterCapabilities(name=ADAPTER_NAME, lora_like=True)]
+
+    def post_model_build(self, cfg: DictDefault, model: PreTrainedModel) -> None:
+        """Axolotl enables gradient checkpointing before adapters only for lora/qlora; do it for balora."""
+        if _is_balora(cfg) and cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs
+            )
+            LOG.info("BA-LoRA: gradient checkpointing enabled on the base model")
 
     def load_adapter(self, model: PreTrainedModel, cfg: DictDefault, inference: bool = False,
                      config_only: bool = False):

@@ -20,6 +20,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .adapters import FROZEN_ADAPTER, TRAINABLE_ADAPTER
 from .config import parse_init
@@ -54,14 +55,16 @@ def principal_factors(
 
 
 def _dense_base_weight(layer: LoraLayer) -> torch.Tensor:
+    """The base weight as (out, in), for the layer types whose weight is a plain tensor."""
     base = layer.get_base_layer()
-    if not isinstance(base, nn.Linear) or type(base).__module__.startswith("bitsandbytes"):
-        raise NotImplementedError(
-            f"BA-LoRA PiSSA init supports plain nn.Linear targets; got {type(base).__name__}. "
-            "Remove this module from lora_target_modules or use balora_init: gaussian."
-        )
-    weight = base.weight
-    return weight.T if layer.fan_in_fan_out else weight
+    if isinstance(base, Conv1D):
+        return base.weight.T
+    if isinstance(base, nn.Linear) and not type(base).__module__.startswith("bitsandbytes"):
+        return base.weight
+    raise NotImplementedError(
+        f"BA-LoRA PiSSA init supports nn.Linear and Conv1D targets; got {type(base).__name__}. "
+        "Remove this module from lora_target_modules or use balora_init: gaussian."
+    )
 
 
 def _as_buffer(linear: nn.Linear, value: torch.Tensor) -> None:

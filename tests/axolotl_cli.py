@@ -1,0 +1,88 @@
+"""Run the real `axolotl train` CLI in a subprocess and read back what it logged."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_LOG_DICT = re.compile(r"\{'loss': .*?\}")
+
+
+def base_config(model_dir: Path, dataset: Path, workdir: Path, **overrides: Any) -> dict[str, Any]:
+    """A small CPU BA-LoRA config; overrides replace keys (None removes one)."""
+    config: dict[str, Any] = {
+        "base_model": str(model_dir),
+        "plugins": ["axolotl_balora.BALoRAPlugin"],
+        "adapter": "balora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "lora_target_linear": True,
+        "balora_lambda_schedule": "constant",
+        "datasets": [{"path": str(dataset), "type": "alpaca", "ds_type": "json"}],
+        "dataset_prepared_path": str(workdir / "prepared"),
+        "val_set_size": 0,
+        "sequence_len": 128,
+        "sample_packing": False,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 4,
+        "learning_rate": 0.001,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "constant",
+        "output_dir": str(workdir / "out"),
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "seed": 42,
+        # Triton LoRA kernels auto-enable for lora and crash without CUDA.
+        "lora_mlp_kernel": False,
+        "lora_qkv_kernel": False,
+        "lora_o_kernel": False,
+    }
+    for key, value in overrides.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    return config
+
+
+def run_axolotl_train(config: dict[str, Any], workdir: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`axolotl train config.yml --launcher python` with the venv's bin first on PATH."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "config.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "TRL_EXPERIMENTAL_SILENCE": "1",
+    }
+    return subprocess.run(
+        [str(Path(bin_dir) / "axolotl"), "train", str(config_path), "--launcher", "python"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def training_logs(output: str) -> list[dict[str, float]]:
+    """The per-step training log dicts the Trainer printed, values as floats."""
+    logs = []
+    for match in _LOG_DICT.finditer(output):
+        raw = ast.literal_eval(match.group(0))
+        logs.append({key: float(value) for key, value in raw.items()})
+    return logs
