@@ -21,7 +21,7 @@ BALORA_KEYS = tuple(f"balora_{field.name}" for field in fields(BALoRAConfig))
 
 # Options whose Axolotl code paths only handle adapter "lora"/"qlora" and would
 # silently do something else for a balora run; refused until supported.
-_UNSUPPORTED_WITH_BALORA = {
+UNSUPPORTED_WITH_BALORA = {
     "load_in_4bit": "4-bit loading is only wired for adapter: qlora in Axolotl; "
     "BA-LoRA on a quantized base is not supported yet",
     "load_in_8bit": "8-bit loading is only wired for adapter: lora in Axolotl; "
@@ -66,7 +66,7 @@ def _check_keys(data: dict[str, Any]) -> None:
 
 
 def _check_compatibility(data: dict[str, Any]) -> None:
-    for key, reason in _UNSUPPORTED_WITH_BALORA.items():
+    for key, reason in UNSUPPORTED_WITH_BALORA.items():
         if data.get(key):
             raise ValueError(
                 f"{key}: {data[key]!r} is not supported with adapter: {ADAPTER_NAME} ({reason}); "

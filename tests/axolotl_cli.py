@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ast
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +11,11 @@ from typing import Any
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-_LOG_DICT = re.compile(r"\{'loss': .*?\}")
+sys.path.insert(0, str(REPO_ROOT / "ci"))
+
+from demo_summary import training_logs  # noqa: E402  (re-exported for the tests)
+
+__all__ = ["base_config", "run_axolotl_train", "training_logs"]
 
 
 def base_config(model_dir: Path, dataset: Path, workdir: Path, **overrides: Any) -> dict[str, Any]:
@@ -77,12 +79,3 @@ def run_axolotl_train(config: dict[str, Any], workdir: Path, timeout: int = 900)
         text=True,
         timeout=timeout,
     )
-
-
-def training_logs(output: str) -> list[dict[str, float]]:
-    """The per-step training log dicts the Trainer printed, values as floats."""
-    logs = []
-    for match in _LOG_DICT.finditer(output):
-        raw = ast.literal_eval(match.group(0))
-        logs.append({key: float(value) for key, value in raw.items()})
-    return logs

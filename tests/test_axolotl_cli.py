@@ -58,3 +58,21 @@ def test_axolotl_refuses_bad_balora_value(tiny_llama_dir, tiny_dataset, tmp_path
     assert result.returncode != 0
     assert "balora_temperature: 0 is not allowed" in output
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_axolotl_train_balora_on_embedded_smollm2(tmp_path):
+    """A handful of steps on the real pretrained SmolLM2-135M-Instruct (converted offline)."""
+    from prepare_demo import prepare_dataset, prepare_model
+
+    from axolotl_cli import REPO_ROOT
+
+    model_dir = prepare_model(REPO_ROOT)
+    dataset = prepare_dataset(REPO_ROOT)
+    config = base_config(
+        model_dir, dataset, tmp_path,
+        lora_target_linear=None, lora_target_modules=["q_proj", "v_proj"],
+        max_steps=3, gradient_accumulation_steps=1, micro_batch_size=2,
+    )
+    result = run_axolotl_train(config, tmp_path)
+    logs = _assert_trained_balora(result, tmp_path / "out", lora_r=4)
+    assert len(logs) == 3

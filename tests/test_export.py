@@ -1,0 +1,93 @@
+"""Saved adapters are ordinary PEFT LoRA adapters for the original base (vanilla PEFT reload)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from axolotl_balora.core.adapters import TRAINING_STATE_DIR
+from axolotl_balora.core.init import apply_balora
+from tiny_models import tiny_llama, token_batch
+
+TOLERANCE = 1e-4
+
+# Loads the adapter with vanilla PEFT in a fresh interpreter that never imports this package.
+VANILLA_RELOAD = textwrap.dedent(
+    """
+    import sys, torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    base_dir, adapter_dir, tokens_path, out_path = sys.argv[1:]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    with torch.no_grad():
+        torch.save(model(torch.load(tokens_path)).logits, out_path)
+    assert not any(name.startswith("axolotl_balora") for name in sys.modules)
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("init", "lora_kwargs"),
+    [
+        ("pissa", {}),
+        ("pissa", {"use_rslora": True}),
+        ("pissa_niter_2", {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 3}}),
+        ("gaussian", {}),
+    ],
+    ids=["pissa", "pissa-rslora", "niter-patterns", "gaussian"],
+)
+def test_vanilla_peft_reproduces_trained_model(tmp_path, init, lora_kwargs):
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    model = apply_balora(
+        tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **lora_kwargs), init=init
+    )
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # stand-in for training: move every trainable factor
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    model.eval()
+    tokens = token_batch()
+    with torch.no_grad():
+        expected = model(tokens).logits
+    model.save_pretrained(tmp_path / "adapter")
+    torch.save(tokens, tmp_path / "tokens.pt")
+    script = tmp_path / "reload.py"
+    script.write_text(VANILLA_RELOAD)
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "base"), str(tmp_path / "adapter"),
+         str(tmp_path / "tokens.pt"), str(tmp_path / "logits.pt")],
+        check=True,
+    )
+    reloaded = torch.load(tmp_path / "logits.pt")
+    assert (reloaded - expected).abs().max() <= TOLERANCE
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True
+    assert config["r"] == (4 if init == "gaussian" else 8)
+    assert (tmp_path / "adapter" / TRAINING_STATE_DIR / "adapter_model.safetensors").exists()
+
+
+def test_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
+    model = apply_balora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model.save_pretrained(tmp_path)
+    good = (tmp_path / "adapter_model.safetensors").read_bytes()
+
+    import axolotl_balora.core.export as export
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(export.safetensors.torch, "save_file", crash)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == good
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".balora-save-")]

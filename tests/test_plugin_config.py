@@ -1,0 +1,109 @@
+"""The balora_* keys through Axolotl's own config validation, and the plugin's hooks."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+import pytest
+from axolotl.utils.config import prepare_plugins, validate_config
+from axolotl.utils.dict import DictDefault
+
+from axolotl_balora import BALoRAPlugin
+from axolotl_balora.args import UNSUPPORTED_WITH_BALORA, BALORA_KEYS
+from axolotl_balora.core.config import BALoRAConfig
+from axolotl_balora.plugin import BALoRATrainer
+from axolotl_cli import base_config
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_dataset):
+    def make(**overrides) -> DictDefault:
+        raw = base_config(tmp_path / "model", tiny_dataset, tmp_path, **overrides)
+        return DictDefault(raw)
+
+    return make
+
+
+def _validate(cfg: DictDefault) -> DictDefault:
+    prepare_plugins(cfg)
+    return validate_config(cfg)
+
+
+def test_defaults_are_the_spec_defaults(make_config):
+    validated = _validate(make_config(balora_lambda_schedule=None))
+    defaults = BALoRAConfig()
+    for key in BALORA_KEYS:
+        assert validated[key] == getattr(defaults, key.removeprefix("balora_")), key
+    assert (defaults.lambda_consistency, defaults.lambda_diversity, defaults.lambda_svd) == (0.025, 0.005, 0.005)
+    assert (defaults.temperature, defaults.diversity_top_k, defaults.svd_top_k) == (2.0, 20, 10)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("balora_lambda_consistency", -0.1, ">= 0"),
+        ("balora_lambda_diversity", -1, ">= 0"),
+        ("balora_lambda_svd", -0.005, ">= 0"),
+        ("balora_temperature", 0, "> 0"),
+        ("balora_temperature", -2.0, "> 0"),
+        ("balora_diversity_top_k", -1, ">= 0"),
+        ("balora_svd_top_k", -3, ">= 1"),
+        ("balora_svd_norm", "spectral", "frobenius, nuclear"),
+        ("balora_init", "svd", "pissa_niter_N"),
+        ("balora_lambda_schedule", "linear", "paper, constant"),
+    ],
+)
+def test_bad_values_are_refused_naming_key_value_and_allowed(make_config, key, value, allowed):
+    with pytest.raises(Exception) as error:
+        _validate(make_config(**{key: value}))
+    message = str(error.value)
+    assert f"{key}: {value!r}" in message
+    assert allowed in message
+
+
+def test_typo_in_a_balora_key_is_refused_with_a_suggestion(make_config):
+    with pytest.raises(Exception, match="balora_lamda_svd: unknown BA-LoRA key. Did you mean 'balora_lambda_svd'"):
+        _validate(make_config(balora_lamda_svd=0.1))
+
+
+def test_balora_keys_without_balora_adapter_are_refused(make_config):
+    with pytest.raises(Exception, match=r"balora_lambda_svd set while adapter is 'lora'"):
+        _validate(make_config(adapter="lora", balora_lambda_schedule=None, balora_lambda_svd=0.1))
+
+
+def test_lora_config_without_balora_keys_is_untouched(make_config):
+    validated = _validate(make_config(adapter="lora", balora_lambda_schedule=None))
+    assert all(validated.get(key) is None for key in BALORA_KEYS)
+
+
+@pytest.mark.parametrize("key", sorted(UNSUPPORTED_WITH_BALORA))
+def test_options_axolotl_only_wires_for_lora_are_refused(make_config, key):
+    with pytest.raises(Exception, match=f"{key}: True is not supported with adapter: balora"):
+        _validate(make_config(**{key: True}))
+
+
+def test_fused_lora_kernels_are_not_auto_enabled_for_balora(make_config):
+    """Axolotl auto-enables Triton LoRA kernels for lora/qlora; they would bypass BA-LoRA's forward."""
+    validated = _validate(
+        make_config(lora_mlp_kernel=None, lora_qkv_kernel=None, lora_o_kernel=None)
+    )
+    for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel"):
+        assert not validated.get(key), key
+
+
+def test_plugin_does_nothing_unless_adapter_is_balora(make_config):
+    plugin = BALoRAPlugin()
+    lora_cfg = make_config(adapter="lora")
+    assert plugin.get_trainer_cls(lora_cfg) is None
+    assert plugin.load_adapter(model=None, cfg=lora_cfg) is None
+    assert plugin.get_trainer_cls(make_config()) is BALoRATrainer
+    assert [c.name for c in plugin.get_adapter_capabilities()] == ["balora"]
+    assert plugin.get_adapter_capabilities()[0].lora_like
+
+
+def test_plugin_is_importable_both_ways_and_declared_as_entry_point():
+    from axolotl_balora.plugin import BALoRAPlugin as from_module
+
+    assert from_module is BALoRAPlugin
+    declared = {ep.name: ep.value for ep in entry_points(group="axolotl.plugins")}
+    assert declared.get("balora") == "axolotl_balora.plugin:BALoRAPlugin"
