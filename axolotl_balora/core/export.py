@@ -24,10 +24,15 @@ import torch
 from peft import LoraConfig, PeftModel
 from peft.utils import get_peft_model_state_dict
 
-from .adapters import FROZEN_ADAPTER, TRAINABLE_ADAPTER, TRAINING_STATE_DIR
+from .adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    FROZEN_ADAPTER,
+    TRAINABLE_ADAPTER,
+    TRAINING_STATE_DIR,
+)
+from .checkpoint import write_metadata
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _scaling(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -112,6 +117,7 @@ def save_balora_adapter(
         staging_path = Path(staging)
         state_path = staging_path / TRAINING_STATE_DIR
         type(model).save_pretrained(model, state_path, state_dict=state_dict, **peft_kwargs)
+        write_metadata(model, state_path)
         config, weights = standard_lora_export(model, state_dict)
         export_path = staging_path / "export"
         export_path.mkdir()

@@ -144,5 +144,6 @@ def apply_balora(model: nn.Module, lora_config: LoraConfig, init: str = "pissa")
     if method == "pissa":
         LOG.info("BA-LoRA: computing PiSSA factors (%s) in float32", init)
         attach_frozen_factors(peft_model, config, niter)
+    peft_model.balora_init_method = init
     install_standard_save(peft_model)
     return peft_model

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .config import BALoRAConfig
-from .init import check_frozen_factors_active
+from .adapters import TRAINING_STATE_DIR
+from .checkpoint import load_training_state
+from .init import activate_balora_adapters, check_frozen_factors_active
 from .losses import IGNORE_INDEX
 from .regularizers import TERM_NAMES, RegularizerTerms, plain_regularizer_terms
 from .schedules import Lambdas, lambdas_at
@@ -89,6 +92,18 @@ class BALoRATrainerMixin:
                 processes //= parallelism.tp_size
             weight = weight * processes
         return weight
+
+    # -- checkpoints --------------------------------------------------------
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume from the raw adapters under TRAINING_STATE_DIR, not the rank-2r export."""
+        state_dir = Path(resume_from_checkpoint) / TRAINING_STATE_DIR
+        peft_model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not state_dir.is_dir():
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        LOG.info("BA-LoRA: resuming adapters from %s", state_dir)
+        load_training_state(peft_model, state_dir)
+        activate_balora_adapters(peft_model)
 
     # -- logging ------------------------------------------------------------
     def _record(self, terms: RegularizerTerms, lambdas: Lambdas) -> None:
