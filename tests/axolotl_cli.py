@@ -15,7 +15,7 @@ sys.path.insert(0, str(REPO_ROOT / "ci"))
 
 from demo_summary import training_logs  # noqa: E402  (re-exported for the tests)
 
-__all__ = ["base_config", "run_axolotl_train", "training_logs"]
+__all__ = ["base_config", "run_axolotl", "run_axolotl_train", "training_logs"]
 
 
 def base_config(model_dir: Path, dataset: Path, workdir: Path, **overrides: Any) -> dict[str, Any]:
@@ -59,8 +59,14 @@ def base_config(model_dir: Path, dataset: Path, workdir: Path, **overrides: Any)
 
 def run_axolotl_train(config: dict[str, Any], workdir: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     """`axolotl train config.yml --launcher python` with the venv's bin first on PATH."""
+    return run_axolotl("train", config, workdir, ["--launcher", "python"], timeout=timeout)
+
+
+def run_axolotl(command: str, config: dict[str, Any], workdir: Path, extra_args: list[str] = (),
+                stdin: str | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`axolotl <command> config.yml [extra_args]`, offline, with the venv's bin first on PATH."""
     workdir.mkdir(parents=True, exist_ok=True)
-    config_path = workdir / "config.yml"
+    config_path = workdir / f"{command}.yml"
     config_path.write_text(yaml.safe_dump(config))
     bin_dir = str(Path(sys.executable).parent)
     env = {
@@ -72,9 +78,10 @@ def run_axolotl_train(config: dict[str, Any], workdir: Path, timeout: int = 900)
         "TRL_EXPERIMENTAL_SILENCE": "1",
     }
     return subprocess.run(
-        [str(Path(bin_dir) / "axolotl"), "train", str(config_path), "--launcher", "python"],
+        [str(Path(bin_dir) / "axolotl"), command, str(config_path), *extra_args],
         cwd=workdir,
         env=env,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,

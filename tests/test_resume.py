@@ -1,0 +1,66 @@
+"""resume_from_checkpoint through the real `axolotl train` CLI: same result, clear refusals."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import safetensors.torch
+
+from axolotl_cli import base_config, run_axolotl_train, training_logs
+
+pytestmark = pytest.mark.slow
+
+# Same seed, same batches, CPU: the resumed run should match to float rounding.
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_llama_dir, tiny_dataset, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    config = base_config(
+        tiny_llama_dir, tiny_dataset, workdir, max_steps=4, save_strategy="steps", save_steps=2,
+        balora_lambda_schedule="paper",
+    )
+    result = run_axolotl_train(config, workdir)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return config, workdir, training_logs(result.stdout + result.stderr)
+
+
+def _resume(uninterrupted, tmp_path, **overrides):
+    config, workdir, _ = uninterrupted
+    output = tmp_path / "out"
+    output.mkdir(parents=True)
+    # The state a run interrupted right after its step-2 checkpoint leaves behind.
+    shutil.copytree(workdir / "out" / "checkpoint-2", output / "checkpoint-2")
+    resumed = {**config, "output_dir": str(output),
+               "resume_from_checkpoint": str(output / "checkpoint-2"), **overrides}
+    return run_axolotl_train(resumed, tmp_path), output
+
+
+def test_resumed_run_matches_uninterrupted_run(uninterrupted, tmp_path):
+    _, workdir, full_logs = uninterrupted
+    result, output = _resume(uninterrupted, tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    expected = safetensors.torch.load_file(workdir / "out" / "adapter_model.safetensors")
+    got = safetensors.torch.load_file(output / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= TOLERANCE
+    resumed_logs = training_logs(result.stdout + result.stderr)
+    assert len(resumed_logs) == 2
+    for key in ("balora/consistency", "balora/diversity", "balora/svd", "balora/lambda_consistency"):
+        assert resumed_logs[-1][key] == pytest.approx(full_logs[-1][key], rel=1e-3, abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"lora_r": 8}, "r: checkpoint 4, config 8"),
+     ({"balora_init": "gaussian"}, "balora_init: checkpoint 'pissa', config 'gaussian'")],
+    ids=["other-rank", "other-init"],
+)
+def test_resume_with_another_adapter_config_is_refused(uninterrupted, tmp_path, overrides, message):
+    result, output = _resume(uninterrupted, tmp_path, **overrides)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "cannot resume" in text and message in text
+    assert not (output / "adapter_model.safetensors").exists()
