@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
-from axolotl_cli import base_config, run_axolotl_train, training_logs
+from axolotl_cli import REPO_ROOT, base_config, run_axolotl, run_axolotl_train, training_logs
 
 pytestmark = pytest.mark.slow
 
@@ -60,19 +64,37 @@ def test_axolotl_refuses_bad_balora_value(tiny_llama_dir, tiny_dataset, tmp_path
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
-def test_axolotl_train_balora_on_embedded_smollm2(tmp_path):
-    """A handful of steps on the real pretrained SmolLM2-135M-Instruct (converted offline)."""
-    from prepare_demo import prepare_dataset, prepare_model
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
-    from axolotl_cli import REPO_ROOT
+
+def test_balora_on_embedded_smollm2_train_merge_reload(tmp_path):
+    """The real pretrained SmolLM2-135M-Instruct: train a few steps, merge-lora, vanilla reload."""
+    from prepare_demo import prepare_dataset, prepare_model
 
     model_dir = prepare_model(REPO_ROOT)
     dataset = prepare_dataset(REPO_ROOT)
+    base_hash = _sha256(model_dir / "model.safetensors")
     config = base_config(
         model_dir, dataset, tmp_path,
         lora_target_linear=None, lora_target_modules=["q_proj", "v_proj"],
-        max_steps=3, gradient_accumulation_steps=1, micro_batch_size=2,
+        max_steps=3, gradient_accumulation_steps=1, micro_batch_size=2, learning_rate=0.002,
     )
     result = run_axolotl_train(config, tmp_path)
     logs = _assert_trained_balora(result, tmp_path / "out", lora_r=4)
     assert len(logs) == 3
+    assert _sha256(model_dir / "model.safetensors") == base_hash  # the base on disk is never written
+
+    merge = run_axolotl("merge-lora", config, tmp_path)
+    assert merge.returncode == 0, (merge.stdout + merge.stderr)[-3000:]
+    tokens = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged").eval()(tokens).logits
+        reloaded_model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "out"
+        ).eval()
+        reloaded = reloaded_model(tokens).logits
+        with reloaded_model.disable_adapter():
+            base = reloaded_model(tokens).logits
+    assert (merged - reloaded).abs().max() <= 1e-3
+    assert (reloaded - base).abs().max() > 1e-2  # the adapter changed the model

@@ -39,8 +39,9 @@ VANILLA_RELOAD = textwrap.dedent(
         ("pissa", {"use_rslora": True}),
         ("pissa_niter_2", {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 3}}),
         ("gaussian", {}),
+        ("pissa", {"modules_to_save": ["lm_head"]}),
     ],
-    ids=["pissa", "pissa-rslora", "niter-patterns", "gaussian"],
+    ids=["pissa", "pissa-rslora", "niter-patterns", "gaussian", "modules-to-save"],
 )
 def test_vanilla_peft_reproduces_trained_model(tmp_path, init, lora_kwargs):
     base = tiny_llama()
@@ -49,7 +50,7 @@ def test_vanilla_peft_reproduces_trained_model(tmp_path, init, lora_kwargs):
         tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **lora_kwargs), init=init
     )
     generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():  # stand-in for training: move every trainable factor
+    with torch.no_grad():  # stand-in for training: move every trainable tensor
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(0.1 * torch.randn(param.shape, generator=generator))
