@@ -35,6 +35,10 @@ UNSUPPORTED_WITH_BALORA = {
     "flash_attn_fuse_mlp": "fused MLP modules are not LoRA targets",
     "use_onebitllms": "one-bit LLM layers are not LoRA targets",
     "relora": "ReLoRA restarts would drop the frozen initial factors",
+    "liger_fused_linear_cross_entropy": "it replaces the logits BA-LoRA's regularizers read; "
+    "BA-LoRA's own fused loss already avoids materializing them (balora_chunk_size)",
+    "cut_cross_entropy": "it replaces the logits BA-LoRA's regularizers read; "
+    "BA-LoRA's own fused loss already avoids materializing them (balora_chunk_size)",
 }
 
 
@@ -91,6 +95,7 @@ class BALoRAArgs(BaseModel):
     balora_svd_norm: str | None = None
     balora_init: str | None = None
     balora_lambda_schedule: str | None = None
+    balora_chunk_size: int | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -17,6 +17,7 @@ from axolotl_balora.core.init import (
     principal_factors,
 )
 from tiny_models import ARCHITECTURES, TARGETS, token_batch
+from tiny_models import tiny_llama as tiny_llama_model
 
 INITS = ["pissa", "pissa_niter_4", "gaussian"]
 TOLERANCE = 1e-5
@@ -153,3 +154,16 @@ def test_dropout_applies_to_trainable_path_only(arch):
 def test_dora_is_refused(arch):
     with pytest.raises(NotImplementedError, match="DoRA"):
         apply_balora(ARCHITECTURES[arch](), _lora_config(arch, use_dora=True))
+
+
+@pytest.mark.parametrize("init", ["pissa", "gaussian"])
+def test_modules_to_save_stay_trainable(init):
+    model = apply_balora(
+        tiny_llama_model(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                       modules_to_save=["lm_head"]), init=init,
+    )
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lm_head.modules_to_save.default" in n for n in trainable)
+    with model.disable_adapter():
+        pass
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable

@@ -51,6 +51,7 @@ class BALoRAConfig:
     svd_norm: str = "frobenius"
     init: str = "pissa"
     lambda_schedule: str = "paper"
+    chunk_size: int = 1024
 
     def __post_init__(self) -> None:
         for name in ("lambda_consistency", "lambda_diversity", "lambda_svd"):
@@ -90,6 +91,12 @@ class BALoRAConfig:
             "balora_lambda_schedule",
             self.lambda_schedule,
             f"allowed: {', '.join(SCHEDULE_CHOICES)}",
+        )
+        _check(
+            isinstance(self.chunk_size, int) and self.chunk_size >= 0,
+            "balora_chunk_size",
+            self.chunk_size,
+            "use an integer >= 0 (tokens per chunk of the fused loss; 0 = plain path from full logits)",
         )
         parse_init(self.init)
 

@@ -19,6 +19,7 @@ from dataclasses import replace
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -104,6 +105,10 @@ def attach_frozen_factors(model: PeftModel, lora_config: LoraConfig, niter: int 
         layer.set_adapter([TRAINABLE_ADAPTER, FROZEN_ADAPTER])
         if index % 50 == 0 or index == len(layers):
             LOG.info("BA-LoRA PiSSA init: %d/%d layers (%s)", index, len(layers), name)
+    # Adding an adapter re-freezes every non-LoRA tensor, modules_to_save copies included.
+    for module in model.modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            module.set_adapter(TRAINABLE_ADAPTER)
 
 
 def check_frozen_factors_active(model: nn.Module) -> None:

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from .config import BALoRAConfig
+from .fused import fused_sums, svd_ratio_from_hidden
 from .losses import consistency_kl, diversity_entropy, svd_ratio
 from .schedules import Lambdas
 
@@ -94,3 +95,44 @@ def plain_regularizer_terms(
             terms,
         )
     return terms
+
+
+def fused_regularizer_terms(
+    hidden: torch.Tensor,
+    ref_hidden: torch.Tensor | None,
+    labels: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    lm_head_r: Callable[[], torch.Tensor],
+    config: BALoRAConfig,
+    lambdas: Lambdas,
+) -> tuple[torch.Tensor, RegularizerTerms]:
+    """(mean task cross-entropy, terms) from final hidden states, chunk by chunk.
+
+    Same values and gradients as the plain path (tested), without any
+    [tokens, vocab] tensor. `lm_head_r` gives R of lm_head.weight = Q R.
+    """
+    sums = fused_sums(
+        hidden,
+        ref_hidden if config.lambda_consistency > 0 else None,
+        labels,
+        lm_head_weight,
+        temperature=config.temperature,
+        top_k=config.diversity_top_k if config.lambda_diversity > 0 else None,
+        chunk_size=config.chunk_size,
+    )
+    count = max(sums.count, 1)
+    terms = RegularizerTerms()
+    if sums.consistency is not None:
+        _evaluate("consistency", lambda: sums.consistency / count, True, terms)
+    if sums.neg_entropy is not None:
+        _evaluate("diversity", lambda: sums.neg_entropy / count, True, terms)
+    if config.lambda_svd > 0:
+        _evaluate(
+            "svd",
+            lambda: svd_ratio_from_hidden(
+                hidden, labels, lm_head_r(), config.svd_top_k, config.svd_norm
+            ),
+            lambdas.svd > 0,
+            terms,
+        )
+    return sums.cross_entropy / count, terms

@@ -22,7 +22,14 @@ from .adapters import TRAINING_STATE_DIR
 from .checkpoint import load_training_state
 from .init import activate_balora_adapters, check_frozen_factors_active
 from .losses import IGNORE_INDEX
-from .regularizers import TERM_NAMES, RegularizerTerms, plain_regularizer_terms
+from .fused import LmHeadFactor
+from .hidden_states import final_hidden_states, fused_path_blocker
+from .regularizers import (
+    TERM_NAMES,
+    RegularizerTerms,
+    fused_regularizer_terms,
+    plain_regularizer_terms,
+)
 from .schedules import Lambdas, lambdas_at
 
 LOG = logging.getLogger(__name__)
@@ -39,6 +46,8 @@ class BALoRATrainerMixin:
         self.balora_config = balora_config or BALoRAConfig()
         self._balora_log_buffer: dict[str, list[float]] = defaultdict(list)
         self._balora_checked = False
+        self._balora_fused_blocker: str | None = None
+        self._balora_lm_head_r = LmHeadFactor()
 
     # -- loss ---------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -46,24 +55,53 @@ class BALoRATrainerMixin:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+        peft_model = self.accelerator.unwrap_model(model)
         if not self._balora_checked:
-            check_frozen_factors_active(self.accelerator.unwrap_model(model))
+            check_frozen_factors_active(peft_model)
+            self._balora_fused_blocker = self._choose_loss_path(peft_model)
             self._balora_checked = True
         labels = inputs["labels"]
-        task_loss, outputs = super().compute_loss(
-            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
         lambdas = lambdas_at(self.balora_config, self.state.global_step, self.state.max_steps)
-        ref_logits = (
-            self.reference_logits(model, inputs) if lambdas.consistency > 0 else None
-        )
-        terms = plain_regularizer_terms(
-            outputs.logits, ref_logits, labels, self.balora_config, lambdas
-        )
-        regularizer = terms.weighted_sum(lambdas)
-        loss = task_loss + self.regularizer_weight(labels, num_items_in_batch) * regularizer
+        weight = self.regularizer_weight(labels, num_items_in_batch)
+        if return_outputs or self._balora_fused_blocker is not None:
+            task_loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+            ref_logits = self.reference_logits(model, inputs) if lambdas.consistency > 0 else None
+            terms = plain_regularizer_terms(
+                outputs.logits, ref_logits, labels, self.balora_config, lambdas
+            )
+            loss = task_loss + weight * terms.weighted_sum(lambdas)
+        else:
+            outputs = None
+            task_mean, terms = self._fused_terms(model, peft_model, inputs, labels, lambdas)
+            loss = weight * (task_mean + terms.weighted_sum(lambdas))
         self._record(terms, lambdas)
         return (loss, outputs) if return_outputs else loss
+
+    def _choose_loss_path(self, peft_model: nn.Module) -> str | None:
+        if self.balora_config.chunk_size == 0:
+            blocker = "balora_chunk_size is 0"
+        else:
+            blocker = fused_path_blocker(peft_model)
+        if blocker is None:
+            LOG.info("BA-LoRA: fused chunked loss (chunk %d tokens)", self.balora_config.chunk_size)
+        else:
+            LOG.warning("BA-LoRA: regularizers from full logits (plain path): %s", blocker)
+        return blocker
+
+    def _fused_terms(self, model, peft_model, inputs, labels, lambdas):
+        model_inputs = {k: v for k, v in inputs.items() if k not in _TASK_ONLY_KEYS}
+        hidden = final_hidden_states(model, peft_model, model_inputs)
+        ref_hidden = None
+        if self.balora_config.lambda_consistency > 0:
+            with torch.no_grad(), peft_model.disable_adapter():
+                ref_hidden = final_hidden_states(model, peft_model, model_inputs).detach()
+        lm_head_weight = peft_model.get_base_model().get_output_embeddings().weight
+        return fused_regularizer_terms(
+            hidden, ref_hidden, labels, lm_head_weight,
+            lambda: self._balora_lm_head_r(lm_head_weight), self.balora_config, lambdas,
+        )
 
     def reference_logits(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """Logits of the pre-trained model: the same forward with every adapter disabled, no grad."""

@@ -1,0 +1,192 @@
+"""The fused, chunked loss against the plain reference functions: values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+from transformers import Trainer, TrainingArguments
+
+from axolotl_balora.core import BALoRAConfig, BALoRATrainerMixin, apply_balora
+from axolotl_balora.core.fused import LmHeadFactor, fused_sums, svd_ratio_from_hidden
+from axolotl_balora.core.hidden_states import fused_path_blocker
+from axolotl_balora.core.losses import consistency_kl, diversity_entropy, svd_ratio
+from tiny_models import VOCAB, tiny_llama
+
+RTOL_F32 = 1e-5
+# bf16 hidden states: both paths upcast to float32 before the matmul, so they agree closely;
+# the looser bound covers the different summation order of chunked sums.
+RTOL_BF16 = 1e-3
+
+
+def _inputs(batch=3, seq=11, hidden=16, vocab=53, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, hidden, generator=generator) / hidden**0.5
+    hidden_states = torch.randn(batch, seq, hidden, generator=generator).to(dtype).requires_grad_()
+    ref_hidden = torch.randn(batch, seq, hidden, generator=generator).to(dtype)
+    labels = torch.randint(0, vocab, (batch, seq), generator=generator)
+    labels[0, :4] = -100  # a prompt
+    labels[1, 7:] = -100  # right padding
+    labels[2, 5] = -100  # a packed-sequence boundary
+    return hidden_states, ref_hidden, labels, weight
+
+
+def _reference(hidden, ref_hidden, labels, weight, temperature, top_k):
+    logits = hidden.float() @ weight.T
+    ref_logits = ref_hidden.float() @ weight.T
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, weight.shape[0]), labels[:, 1:].reshape(-1),
+                         ignore_index=-100)
+    return ce, consistency_kl(logits, ref_logits, labels, temperature), diversity_entropy(logits, labels, top_k)
+
+
+def _fused_means(hidden, ref_hidden, labels, weight, temperature, top_k, chunk_size):
+    sums = fused_sums(hidden, ref_hidden, labels, weight, temperature, top_k, chunk_size)
+    return sums.cross_entropy / sums.count, sums.consistency / sums.count, sums.neg_entropy / sums.count
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 16, 1000])
+@pytest.mark.parametrize(("temperature", "top_k"), [(2.0, 20), (1.0, 0), (3.0, 5)])
+def test_fused_matches_reference_values_and_gradients(chunk_size, temperature, top_k):
+    hidden, ref_hidden, labels, weight = _inputs()
+    fused = _fused_means(hidden, ref_hidden, labels, weight, temperature, top_k, chunk_size)
+    reference = _reference(hidden, ref_hidden, labels, weight, temperature, top_k)
+    coefficients = (0.7, 1.3, 2.1)  # distinct, so each term's gradient counts
+    for got, expected in zip(fused, reference):
+        torch.testing.assert_close(got, expected, rtol=RTOL_F32, atol=1e-7)
+    got_grad, = torch.autograd.grad(sum(c * t for c, t in zip(coefficients, fused)), hidden)
+    expected_grad, = torch.autograd.grad(sum(c * t for c, t in zip(coefficients, reference)), hidden)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=RTOL_F32, atol=1e-7)
+
+
+def test_fused_with_bf16_hidden_states():
+    hidden, ref_hidden, labels, weight = _inputs(dtype=torch.bfloat16)
+    fused = _fused_means(hidden, ref_hidden, labels, weight, 2.0, 20, 4)
+    reference = _reference(hidden, ref_hidden, labels, weight, 2.0, 20)
+    for got, expected in zip(fused, reference):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=RTOL_BF16, atol=1e-5)
+    got_grad, = torch.autograd.grad(sum(fused), hidden)
+    assert got_grad.dtype == torch.bfloat16 and torch.isfinite(got_grad).all()
+
+
+def test_all_ignored_batch_gives_zero_and_a_graph():
+    hidden, ref_hidden, labels, weight = _inputs()
+    labels[:] = -100
+    sums = fused_sums(hidden, ref_hidden, labels, weight)
+    assert sums.count == 0
+    for value in (sums.cross_entropy, sums.consistency, sums.neg_entropy):
+        assert value.item() == 0.0
+    grad, = torch.autograd.grad(sums.cross_entropy + sums.consistency, hidden)
+    assert torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize(("k", "norm"), [(3, "frobenius"), (2, "nuclear"), (100, "frobenius")])
+def test_svd_term_from_hidden_is_exact(k, norm):
+    hidden, _, labels, weight = _inputs()
+    got = svd_ratio_from_hidden(hidden, labels, LmHeadFactor()(weight), k, norm)
+    expected = svd_ratio(hidden @ weight.T, labels, k, norm)
+    torch.testing.assert_close(got, expected, rtol=RTOL_F32, atol=1e-7)
+    got_grad, = torch.autograd.grad(got, hidden)
+    expected_grad, = torch.autograd.grad(expected, hidden)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_lm_head_factor_is_cached_and_follows_weight_changes():
+    weight = torch.randn(40, 8)
+    factor = LmHeadFactor()
+    first = factor(weight)
+    assert factor(weight) is first
+    with torch.no_grad():
+        weight.mul_(2.0)
+    second = factor(weight)
+    assert second is not first
+    torch.testing.assert_close(second.abs(), 2.0 * first.abs())
+
+
+class BALoRATrainer(BALoRATrainerMixin, Trainer):
+    pass
+
+
+def _trainer(tmp_path, model, chunk_size):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    config = BALoRAConfig(lambda_schedule="constant", chunk_size=chunk_size,
+                          lambda_consistency=0.5, lambda_diversity=0.3, lambda_svd=0.2)
+    return BALoRATrainer(model=model, args=args, balora_config=config)
+
+
+def _batch():
+    generator = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, VOCAB, (2, 10), generator=generator)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+
+def _loss_and_grads(trainer, model):
+    model.train()
+    model.zero_grad()
+    loss = trainer.compute_loss(model, _batch())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _perturbed_model(**lora_kwargs):
+    model = apply_balora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  **lora_kwargs))
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def test_trainer_fused_path_matches_plain_path_end_to_end(tmp_path):
+    model = _perturbed_model()
+    fused = _trainer(tmp_path, model, chunk_size=7)
+    plain = _trainer(tmp_path, model, chunk_size=0)
+    fused_loss, fused_grads = _loss_and_grads(fused, model)
+    plain_loss, plain_grads = _loss_and_grads(plain, model)
+    assert fused._balora_fused_blocker is None
+    assert plain._balora_fused_blocker == "balora_chunk_size is 0"
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=RTOL_F32, atol=1e-7)
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("lora_kwargs", "reason"),
+    [({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+     ({"target_modules": ["q_proj", "v_proj", "lm_head"]}, "LoRA on lm_head")],
+    ids=["lm_head-trained", "lm_head-adapted"],
+)
+def test_adapted_or_trained_lm_head_falls_back_to_plain_path(tmp_path, lora_kwargs, reason):
+    kwargs = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **lora_kwargs}
+    model = apply_balora(tiny_llama(), LoraConfig(**kwargs))
+    assert reason in fused_path_blocker(model)
+    trainer = _trainer(tmp_path, model, chunk_size=7)
+    loss, _ = _loss_and_grads(trainer, model)
+    assert trainer._balora_fused_blocker is not None and torch.isfinite(loss)
+
+
+def test_softcapped_logits_fall_back_to_plain_path():
+    model = apply_balora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model.get_base_model().config.final_logit_softcapping = 30.0
+    assert "soft-caps" in fused_path_blocker(model)
+
+
+def test_failed_svd_is_skipped_counted_and_task_loss_still_trains(tmp_path, monkeypatch):
+    import axolotl_balora.core.fused as fused_module
+
+    def failing_svdvals(*args, **kwargs):
+        raise torch.linalg.LinAlgError("injected: did not converge")
+
+    monkeypatch.setattr(fused_module.torch.linalg, "svdvals", failing_svdvals)
+    model = _perturbed_model()
+    trainer = _trainer(tmp_path, model, chunk_size=7)
+    loss, grads = _loss_and_grads(trainer, model)
+    assert torch.isfinite(loss) and any(g.abs().sum() > 0 for g in grads.values())
+    assert trainer._balora_log_buffer["balora/skipped_svd"] == [1]
+    assert "balora/svd" not in trainer._balora_log_buffer
+    assert trainer._balora_log_buffer["balora/consistency"]
