@@ -190,3 +190,17 @@ def test_failed_svd_is_skipped_counted_and_task_loss_still_trains(tmp_path, monk
     assert trainer._balora_log_buffer["balora/skipped_svd"] == [1]
     assert "balora/svd" not in trainer._balora_log_buffer
     assert trainer._balora_log_buffer["balora/consistency"]
+
+
+def test_half_precision_lm_head_matches_the_models_own_logits():
+    """A bf16 lm_head computes bf16 logits; the fused path reproduces exactly that, then float32."""
+    hidden, ref_hidden, labels, weight = _inputs(dtype=torch.bfloat16)
+    weight = weight.to(torch.bfloat16)
+    fused = _fused_means(hidden, ref_hidden, labels, weight, 2.0, 20, 5)
+    logits = (hidden @ weight.T).float()
+    ref_logits = (ref_hidden @ weight.T).float()
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, weight.shape[0]), labels[:, 1:].reshape(-1),
+                         ignore_index=-100)
+    expected = (ce, consistency_kl(logits, ref_logits, labels), diversity_entropy(logits, labels))
+    for got, want in zip(fused, expected):
+        torch.testing.assert_close(got, want, rtol=RTOL_F32, atol=1e-6)

@@ -52,8 +52,12 @@ def _chunk_sums_and_grads(
     temperature: float,
     top_k: int | None,
 ):
-    """Sums of CE / KL / -H over one chunk and their gradients w.r.t. the chunk's logits."""
-    logits = rows.float() @ weight.T
+    """Sums of CE / KL / -H over one chunk and their gradients w.r.t. the chunk's logits.
+
+    The matmul runs in the lm_head's dtype, as the model's own lm_head does;
+    everything after it in float32.
+    """
+    logits = (rows.to(weight.dtype) @ weight.T).float()
     log_probs = F.log_softmax(logits, dim=-1)
     probs = log_probs.exp()
     ce = -log_probs.gather(-1, targets[:, None]).sum()
@@ -62,7 +66,8 @@ def _chunk_sums_and_grads(
 
     kl = grad_kl = None
     if ref_rows is not None:
-        ref_log_probs = F.log_softmax((ref_rows.float() @ weight.T) / temperature, dim=-1)
+        ref_logits = (ref_rows.to(weight.dtype) @ weight.T).float()
+        ref_log_probs = F.log_softmax(ref_logits / temperature, dim=-1)
         model_log_probs = F.log_softmax(logits / temperature, dim=-1)
         ref_probs = ref_log_probs.exp()
         kl = temperature**2 * (ref_probs * (ref_log_probs - model_log_probs)).sum()
@@ -107,7 +112,7 @@ class _FusedLosses(torch.autograd.Function):
             for index, (value, logit_grad) in enumerate(zip(values, logit_grads)):
                 if value is not None:
                     sums[index] = sums[index] + value
-                    grads[index][chunk] = logit_grad @ weight.float()
+                    grads[index][chunk] = (logit_grad.to(weight.dtype) @ weight).float()
         ctx.save_for_backward(*grads)
         ctx.input_dtype = rows.dtype
         return tuple(sums)

@@ -3,8 +3,10 @@
 Works on top of any `transformers.Trainer` subclass (plain Trainer, TRL's
 SFTTrainer, Axolotl's trainer): put it first in the bases, e.g.
 `class MyTrainer(BALoRATrainerMixin, Trainer)`, and pass `balora_config=`.
-The task loss comes from the parent's `compute_loss`, so packing, loss
-kwargs and gradient-accumulation normalization stay the parent's.
+On the fused path the task loss and the terms come from the final hidden
+states (no logits are built); on the plain path the task loss comes from the
+parent's `compute_loss`. Either way it is normalized exactly as the parent
+would (token-weighted under gradient accumulation and across devices).
 """
 
 from __future__ import annotations
