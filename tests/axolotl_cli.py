@@ -63,7 +63,8 @@ def run_axolotl_train(config: dict[str, Any], workdir: Path, timeout: int = 900)
 
 
 def run_axolotl(command: str, config: dict[str, Any], workdir: Path, extra_args: list[str] = (),
-                stdin: str | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+                stdin: str | None = None, timeout: int = 900,
+                extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`axolotl <command> config.yml [extra_args]`, offline, with the venv's bin first on PATH."""
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / f"{command}.yml"
@@ -76,6 +77,7 @@ def run_axolotl(command: str, config: dict[str, Any], workdir: Path, extra_args:
         "WANDB_MODE": "disabled",
         "HF_HUB_OFFLINE": "1",
         "TRL_EXPERIMENTAL_SILENCE": "1",
+        **(extra_env or {}),
     }
     return subprocess.run(
         [str(Path(bin_dir) / "axolotl"), command, str(config_path), *extra_args],
