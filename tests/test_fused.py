@@ -204,3 +204,10 @@ def test_half_precision_lm_head_matches_the_models_own_logits():
     expected = (ce, consistency_kl(logits, ref_logits, labels), diversity_entropy(logits, labels))
     for got, want in zip(fused, expected):
         torch.testing.assert_close(got, want, rtol=RTOL_F32, atol=1e-6)
+
+
+def test_sharded_lm_head_falls_back_to_plain_path():
+    """FSDP2 (DTensor) and ZeRO-3 (ds_id) weights are only whole inside the layer's forward."""
+    model = apply_balora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model.get_base_model().get_output_embeddings().weight.ds_id = 7
+    assert "sharded" in fused_path_blocker(model)

@@ -30,6 +30,8 @@ def fused_path_blocker(model: PeftModel) -> str | None:
         return "the output layer has a bias"
     if lm_head.weight.requires_grad:
         return "the output layer's weight is trained"
+    if hasattr(lm_head.weight, "ds_id") or type(lm_head.weight).__name__ == "DTensor":
+        return "the output layer's weight is sharded (DeepSpeed ZeRO-3 / FSDP2) outside its forward"
     if getattr(base.config, "final_logit_softcapping", None):
         return "the model soft-caps its final logits"
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
