@@ -16,25 +16,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from peft import LoraConfig
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
-from axolotl_balora.core import BALoRAConfig, BALoRATrainerMixin, apply_balora
-from tiny_models import VOCAB, tiny_llama
-
-
-class BALoRATrainer(BALoRATrainerMixin, Trainer):
-    pass
+from axolotl_balora.core import BALoRAConfig, apply_balora
+from tiny_models import BALoRATrainer, tiny_llama, token_dataset
 
 
-def dataset(rows: int = 4, seq: int = 12) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(11)
-    data = []
-    for row in range(rows):
-        ids = torch.randint(0, VOCAB, (seq,), generator=generator)
-        labels = ids.clone()
-        labels[: 1 + row] = -100
-        data.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones(seq, dtype=torch.long)})
-    return data
+def dataset() -> list[dict[str, torch.Tensor]]:
+    return token_dataset(rows=4, seq=12, seed=11, prompt_length=lambda row: 1 + row)
 
 
 def build(init: str):

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
-from axolotl_balora.core import BALoRAConfig, BALoRATrainerMixin, apply_balora
+from axolotl_balora.core import BALoRAConfig, apply_balora
 from axolotl_balora.core.fused import LmHeadFactor, fused_sums, svd_ratio_from_hidden
 from axolotl_balora.core.hidden_states import fused_path_blocker
 from axolotl_balora.core.losses import consistency_kl, diversity_entropy, svd_ratio
-from tiny_models import VOCAB, tiny_llama
+from tiny_models import VOCAB, BALoRATrainer, tiny_llama
 
 RTOL_F32 = 1e-5
 # bf16 hidden states: both paths upcast to float32 before the matmul, so they agree closely;
@@ -102,10 +102,6 @@ def test_lm_head_factor_is_cached_and_follows_weight_changes():
     second = factor(weight)
     assert second is not first
     torch.testing.assert_close(second.abs(), 2.0 * first.abs())
-
-
-class BALoRATrainer(BALoRATrainerMixin, Trainer):
-    pass
 
 
 def _trainer(tmp_path, model, chunk_size):

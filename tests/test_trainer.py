@@ -7,12 +7,8 @@ import torch
 from peft import LoraConfig
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from axolotl_balora.core import BALoRAConfig, BALoRATrainerMixin, apply_balora
-from tiny_models import VOCAB, tiny_llama
-
-
-class BALoRATrainer(BALoRATrainerMixin, Trainer):
-    pass
+from axolotl_balora.core import BALoRAConfig, apply_balora
+from tiny_models import BALoRATrainer, tiny_llama, token_dataset
 
 
 class LogRecorder(TrainerCallback):
@@ -24,16 +20,9 @@ class LogRecorder(TrainerCallback):
             self.logs.append(dict(logs))
 
 
-def _dataset(rows: int = 8, seq: int = 12) -> list[dict[str, torch.Tensor]]:
+def _dataset() -> list[dict[str, torch.Tensor]]:
     """Rows with different numbers of scored tokens, so token weighting matters."""
-    generator = torch.Generator().manual_seed(3)
-    data = []
-    for row in range(rows):
-        ids = torch.randint(0, VOCAB, (seq,), generator=generator)
-        labels = ids.clone()
-        labels[: 2 + row % 5] = -100
-        data.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones(seq, dtype=torch.long)})
-    return data
+    return token_dataset(rows=8, seq=12, seed=3, prompt_length=lambda row: 2 + row % 5)
 
 
 def _train(tmp_path, config: BALoRAConfig, micro_batch: int, accumulation: int, steps: int = 1,

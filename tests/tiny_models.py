@@ -1,9 +1,20 @@
-"""In-memory tiny random models of two architectures for core tests."""
+"""In-memory tiny random models, token datasets and a plain Trainer for core tests."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Trainer,
+)
+
+from axolotl_balora.core import BALoRATrainerMixin
 
 VOCAB = 97
 
@@ -31,3 +42,19 @@ TARGETS = {"llama": "all-linear", "gpt2": ["c_attn", "c_proj", "c_fc"]}
 def token_batch(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, seq), generator=generator)
+
+
+class BALoRATrainer(BALoRATrainerMixin, Trainer):
+    """The mixin on a plain transformers Trainer, as a user without Axolotl writes it."""
+
+
+def token_dataset(rows: int, seq: int, seed: int, prompt_length: Callable[[int], int]) -> list[dict]:
+    """Random rows whose first `prompt_length(row)` labels are ignored (unequal scored counts)."""
+    generator = torch.Generator().manual_seed(seed)
+    data = []
+    for row in range(rows):
+        ids = torch.randint(0, VOCAB, (seq,), generator=generator)
+        labels = ids.clone()
+        labels[: prompt_length(row)] = -100
+        data.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones(seq, dtype=torch.long)})
+    return data
