@@ -51,6 +51,7 @@ def test_defaults_are_the_spec_defaults(make_config):
         ("balora_svd_norm", "spectral", "frobenius, nuclear"),
         ("balora_init", "svd", "pissa_niter_N"),
         ("balora_lambda_schedule", "linear", "paper, constant"),
+        ("balora_task", "regression", "auto, causal_lm, classification"),
     ],
 )
 def test_bad_values_are_refused_naming_key_value_and_allowed(make_config, key, value, allowed):
@@ -106,4 +107,4 @@ def test_plugin_is_importable_both_ways_and_declared_as_entry_point():
 
     assert from_module is BALoRAPlugin
     declared = {ep.name: ep.value for ep in entry_points(group="axolotl.plugins")}
-    assert declared.get("balora") == "axolotl_balora.plugin:BALoRAPlugin"
+    assert declared.get("balora") == "axolotl_balora:BALoRAPlugin"
