@@ -39,6 +39,11 @@ UNSUPPORTED_WITH_BALORA = {
     "BA-LoRA's own fused loss already avoids materializing them (balora_chunk_size)",
     "cut_cross_entropy": "it replaces the logits BA-LoRA's regularizers read; "
     "BA-LoRA's own fused loss already avoids materializing them (balora_chunk_size)",
+    "reward_model": "Axolotl trains it with TRL's RewardTrainer on preference pairs, which "
+    "the BA-LoRA trainer would replace; for sequence classification use the core with a "
+    "plain transformers Trainer (examples/classification_trainer.py)",
+    "process_reward_model": "Axolotl trains it with its PRM trainer on token labels, which "
+    "the BA-LoRA trainer would replace",
 }
 
 
@@ -96,6 +101,7 @@ class BALoRAArgs(BaseModel):
     balora_init: str | None = None
     balora_lambda_schedule: str | None = None
     balora_chunk_size: int | None = None
+    balora_task: str | None = None
 
     @model_validator(mode="before")
     @classmethod

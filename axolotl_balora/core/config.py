@@ -12,6 +12,14 @@ from dataclasses import asdict, dataclass
 INIT_CHOICES = ("pissa", "pissa_niter_<N>", "gaussian")
 SCHEDULE_CHOICES = ("paper", "constant")
 SVD_NORM_CHOICES = ("frobenius", "nuclear")
+TASK_CHOICES = ("auto", "causal_lm", "classification")
+# Spec section 3: the weights and k reported for NLU (GLUE, DeBERTa-v3-base).
+CLASSIFICATION_DEFAULTS = {
+    "lambda_consistency": 0.15,
+    "lambda_diversity": 0.03,
+    "lambda_svd": 0.03,
+    "svd_top_k": 5,
+}
 _PISSA_NITER = re.compile(r"^pissa_niter_(\d+)$")
 
 
@@ -40,7 +48,10 @@ def _check(condition: bool, key: str, value: object, allowed: str) -> None:
 
 @dataclass(frozen=True)
 class BALoRAConfig:
-    """Regularizer weights and shapes; defaults are the spec's (LLaMA-2-7B, MetaMathQA)."""
+    """Regularizer weights and shapes; defaults are the spec's (LLaMA-2-7B, MetaMathQA).
+
+    For sequence classification start from `for_classification()` (the NLU defaults).
+    """
 
     lambda_consistency: float = 0.025
     lambda_diversity: float = 0.005
@@ -52,6 +63,12 @@ class BALoRAConfig:
     init: str = "pissa"
     lambda_schedule: str = "paper"
     chunk_size: int = 1024
+    task: str = "auto"
+
+    @classmethod
+    def for_classification(cls, **overrides: object) -> "BALoRAConfig":
+        """The spec's NLU defaults (lambda 0.15 / 0.03 / 0.03, k = 5), task "classification"."""
+        return cls(**{**CLASSIFICATION_DEFAULTS, "task": "classification", **overrides})
 
     def __post_init__(self) -> None:
         for name in ("lambda_consistency", "lambda_diversity", "lambda_svd"):
@@ -97,6 +114,13 @@ class BALoRAConfig:
             "balora_chunk_size",
             self.chunk_size,
             "use an integer >= 0 (tokens per chunk of the fused loss; 0 = plain path from full logits)",
+        )
+        _check(
+            self.task in TASK_CHOICES,
+            "balora_task",
+            self.task,
+            f"allowed: {', '.join(TASK_CHOICES)} (auto: classification for a "
+            "*ForSequenceClassification model, else causal_lm)",
         )
         parse_init(self.init)
 

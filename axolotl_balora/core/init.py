@@ -24,6 +24,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .adapters import FROZEN_ADAPTER, TRAINABLE_ADAPTER
+from .classification import is_sequence_classifier
 from .config import parse_init
 from .export import install_standard_save
 
@@ -145,6 +146,10 @@ def apply_balora(model: nn.Module, lora_config: LoraConfig, init: str = "pissa")
     if lora_config.use_dora:
         raise NotImplementedError("BA-LoRA does not support DoRA (peft_use_dora); turn it off.")
     config = replace(lora_config, init_lora_weights=True)
+    if config.task_type is None and is_sequence_classifier(model):
+        # PEFT keeps the new classification head trainable (and saves it) only for SEQ_CLS.
+        LOG.info("BA-LoRA: %s is a sequence classifier; using task_type SEQ_CLS", type(model).__name__)
+        config = replace(config, task_type="SEQ_CLS")
     peft_model = get_peft_model(model, config)
     if method == "pissa":
         LOG.info("BA-LoRA: computing PiSSA factors (%s) in float32", init)

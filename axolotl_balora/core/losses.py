@@ -2,9 +2,11 @@
 
 These are the reference definitions: readable, computed from full logits in
 float32, and used by the trainer's plain path and as the oracle for any
-faster implementation. Every function takes logits `[batch, seq, vocab]` and
-labels `[batch, seq]` (-100 = ignored) and applies the causal-LM shift itself,
-so the positions it averages over are exactly those of the task loss.
+faster implementation. The three term functions take logits `[batch, seq, vocab]`
+and labels `[batch, seq]` (-100 = ignored) and apply the causal-LM shift
+themselves, so the positions they average over are exactly those of the task
+loss. The `*_rows` helpers compute on a plain matrix of rows; the
+classification form (`classification.py`) shares them.
 """
 
 from __future__ import annotations
@@ -39,11 +41,19 @@ def consistency_kl(
     model_rows = selected_logits(logits, labels)
     if model_rows.shape[0] == 0:
         return _zero_like(logits)
-    ref_rows = selected_logits(ref_logits, labels)
+    return kl_rows(model_rows, selected_logits(ref_logits, labels), temperature)
+
+
+def kl_rows(rows: torch.Tensor, ref_rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * mean_i KL(softmax(ref_i/T) || softmax(z_i/T)) over the rows of [n, classes], n >= 1.
+
+    Shared by the causal-LM form (rows = scored positions) and the
+    classification form (rows = examples).
+    """
     ref_log_probs = F.log_softmax(ref_rows / temperature, dim=-1)
-    model_log_probs = F.log_softmax(model_rows / temperature, dim=-1)
-    kl_per_position = (ref_log_probs.exp() * (ref_log_probs - model_log_probs)).sum(-1)
-    return temperature**2 * kl_per_position.mean()
+    model_log_probs = F.log_softmax(rows / temperature, dim=-1)
+    kl_per_row = (ref_log_probs.exp() * (ref_log_probs - model_log_probs)).sum(-1)
+    return temperature**2 * kl_per_row.mean()
 
 
 def diversity_entropy(
@@ -73,13 +83,21 @@ def svd_ratio(
     singular values are used. Raises torch.linalg.LinAlgError if the SVD fails;
     the trainer catches that and skips the term for the step.
     """
+    return svd_ratio_rows(selected_logits(logits, labels), k, norm)
+
+
+def svd_ratio_rows(rows: torch.Tensor, k: int, norm: str) -> torch.Tensor:
+    """-(sum of the top-k singular values of `rows`) / its norm; 0 for no rows or a zero matrix.
+
+    Shared by the causal-LM form (rows = scored positions) and the
+    classification form (rows = examples, nuclear norm).
+    """
     if norm not in ("frobenius", "nuclear"):
         raise ValueError(f"norm: {norm!r} is not allowed; allowed: frobenius, nuclear")
-    rows = selected_logits(logits, labels)
     if rows.shape[0] == 0:
-        return _zero_like(logits)
+        return _zero_like(rows)
     singular_values = torch.linalg.svdvals(rows)
     denominator = singular_values.sum() if norm == "nuclear" else torch.linalg.norm(rows)
     if denominator.item() == 0.0:
-        return _zero_like(logits)
+        return _zero_like(rows)
     return -singular_values[:k].sum() / denominator

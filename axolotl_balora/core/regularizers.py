@@ -2,7 +2,8 @@
 
 This is the seam between the trainer and the loss implementations: the plain
 path below uses the readable functions of `losses`; a fused, chunked path
-can return the same `RegularizerTerms` without ever building full logits.
+can return the same `RegularizerTerms` without ever building full logits;
+the classification form uses those of `classification`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from .classification import feature_consistency, logit_decorrelation, logit_svd_ratio
 from .config import BALoRAConfig
 from .fused import fused_sums, svd_ratio_from_hidden
 from .losses import consistency_kl, diversity_entropy, svd_ratio
@@ -59,6 +61,24 @@ def _evaluate(
     terms.values[name] = value
 
 
+def _evaluate_terms(
+    computations: dict[str, Callable[[], torch.Tensor] | None],
+    config: BALoRAConfig,
+    lambdas: Lambdas,
+) -> RegularizerTerms:
+    """Run each term (None = no input for it, e.g. no reference) under the lambda rules.
+
+    A term whose configured lambda is 0 is not computed at all; a term whose
+    scheduled lambda is 0 at this step (the paper's warm-up) is computed
+    without gradient, only so that its curve shows in the logs.
+    """
+    terms = RegularizerTerms()
+    for name, compute in computations.items():
+        if compute is not None and getattr(config, f"lambda_{name}") > 0:
+            _evaluate(name, compute, getattr(lambdas, name) > 0, terms)
+    return terms
+
+
 def plain_regularizer_terms(
     logits: torch.Tensor,
     ref_logits: torch.Tensor | None,
@@ -66,35 +86,42 @@ def plain_regularizer_terms(
     config: BALoRAConfig,
     lambdas: Lambdas,
 ) -> RegularizerTerms:
-    """Compute the terms from full logits.
+    """Compute the causal-LM terms from full logits."""
+    return _evaluate_terms(
+        {
+            "consistency": None if ref_logits is None else (
+                lambda: consistency_kl(logits, ref_logits, labels, config.temperature)
+            ),
+            "diversity": lambda: diversity_entropy(logits, labels, config.diversity_top_k),
+            "svd": lambda: svd_ratio(logits, labels, config.svd_top_k, config.svd_norm),
+        },
+        config,
+        lambdas,
+    )
 
-    A term whose configured lambda is 0 is not computed at all; a term whose
-    scheduled lambda is 0 at this step (the paper's warm-up) is computed
-    without gradient, only so that its curve shows in the logs.
+
+def classification_regularizer_terms(
+    logits: torch.Tensor,
+    features: torch.Tensor | None,
+    ref_features: torch.Tensor | None,
+    config: BALoRAConfig,
+    lambdas: Lambdas,
+) -> RegularizerTerms:
+    """Compute the classification-form terms (spec section 3) from per-example logits [N, C].
+
+    The consistency term compares the pooled features [N, H] of the model and
+    of the pre-trained model; without them it is not computed.
     """
-    terms = RegularizerTerms()
-    if ref_logits is not None and config.lambda_consistency > 0:
-        _evaluate(
-            "consistency",
-            lambda: consistency_kl(logits, ref_logits, labels, config.temperature),
-            lambdas.consistency > 0,
-            terms,
-        )
-    if config.lambda_diversity > 0:
-        _evaluate(
-            "diversity",
-            lambda: diversity_entropy(logits, labels, config.diversity_top_k),
-            lambdas.diversity > 0,
-            terms,
-        )
-    if config.lambda_svd > 0:
-        _evaluate(
-            "svd",
-            lambda: svd_ratio(logits, labels, config.svd_top_k, config.svd_norm),
-            lambdas.svd > 0,
-            terms,
-        )
-    return terms
+    has_features = features is not None and ref_features is not None
+    return _evaluate_terms(
+        {
+            "consistency": (lambda: feature_consistency(features, ref_features)) if has_features else None,
+            "diversity": lambda: logit_decorrelation(logits),
+            "svd": lambda: logit_svd_ratio(logits, config.svd_top_k),
+        },
+        config,
+        lambdas,
+    )
 
 
 def fused_regularizer_terms(

@@ -7,10 +7,14 @@ On the fused path the task loss and the terms come from the final hidden
 states (no logits are built); on the plain path the task loss comes from the
 parent's `compute_loss`. Either way it is normalized exactly as the parent
 would (token-weighted under gradient accumulation and across devices).
+A `*ForSequenceClassification` model gets the classification form instead
+(per-example logits and pooled features, `classification.py`); the
+`task` field of BALoRAConfig overrides that choice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -22,6 +26,7 @@ from torch import nn
 from .config import BALoRAConfig
 from .adapters import TRAINING_STATE_DIR
 from .checkpoint import load_training_state
+from .classification import recorded_pooled_features, reference_features, uses_classification_form
 from .init import activate_balora_adapters, check_frozen_factors_active
 from .losses import IGNORE_INDEX
 from .fused import LmHeadFactor
@@ -29,6 +34,7 @@ from .hidden_states import final_hidden_states, fused_path_blocker
 from .regularizers import (
     TERM_NAMES,
     RegularizerTerms,
+    classification_regularizer_terms,
     fused_regularizer_terms,
     plain_regularizer_terms,
 )
@@ -48,6 +54,7 @@ class BALoRATrainerMixin:
         self.balora_config = balora_config or BALoRAConfig()
         self._balora_log_buffer: dict[str, list[float]] = defaultdict(list)
         self._balora_checked = False
+        self._balora_classification = False
         self._balora_fused_blocker: str | None = None
         self._balora_lm_head_r = LmHeadFactor()
 
@@ -60,10 +67,17 @@ class BALoRATrainerMixin:
         peft_model = self.accelerator.unwrap_model(model)
         if not self._balora_checked:
             check_frozen_factors_active(peft_model)
-            self._balora_fused_blocker = self._choose_loss_path(peft_model)
+            self._balora_classification = uses_classification_form(peft_model, self.balora_config.task)
+            if self._balora_classification:
+                LOG.info("BA-LoRA: classification form (per-example logits, pooled features)")
+            else:
+                self._balora_fused_blocker = self._choose_loss_path(peft_model)
             self._balora_checked = True
         labels = inputs["labels"]
         lambdas = lambdas_at(self.balora_config, self.state.global_step, self.state.max_steps)
+        if self._balora_classification:
+            loss, outputs = self._classification_loss(model, peft_model, inputs, lambdas, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
         weight = self.regularizer_weight(labels, num_items_in_batch)
         if return_outputs or self._balora_fused_blocker is not None:
             task_loss, outputs = super().compute_loss(
@@ -105,6 +119,26 @@ class BALoRATrainerMixin:
             lambda: self._balora_lm_head_r(lm_head_weight), self.balora_config, lambdas,
         )
 
+    def _classification_loss(self, model, peft_model, inputs, lambdas, num_items_in_batch):
+        """(loss, outputs) of the classification form: the parent's task loss plus the terms
+        on the per-example logits [N, C] and the pooled features (spec section 3)."""
+        consistency = self.balora_config.lambda_consistency > 0
+        ref_features = None
+        if consistency:
+            model_inputs = {k: v for k, v in inputs.items() if k not in _TASK_ONLY_KEYS}
+            ref_features = reference_features(model, peft_model, model_inputs)
+        recording = recorded_pooled_features(peft_model, inputs) if consistency else contextlib.nullcontext([])
+        with recording as features:
+            task_loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        terms = classification_regularizer_terms(
+            outputs.logits, features[-1] if features else None, ref_features, self.balora_config, lambdas
+        )
+        self._record(terms, lambdas)
+        weight = self.regularizer_weight(inputs["labels"], num_items_in_batch, shifted=False)
+        return task_loss + weight * terms.weighted_sum(lambdas), outputs
+
     def reference_logits(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """Logits of the pre-trained model: the same forward with every adapter disabled, no grad."""
         peft_model = self.accelerator.unwrap_model(model)
@@ -112,18 +146,23 @@ class BALoRATrainerMixin:
         with torch.no_grad(), peft_model.disable_adapter():
             return model(**reference_inputs).logits.detach()
 
-    def regularizer_weight(self, labels: torch.Tensor, num_items_in_batch: Any) -> float | torch.Tensor:
+    def regularizer_weight(
+        self, labels: torch.Tensor, num_items_in_batch: Any, shifted: bool = True
+    ) -> float | torch.Tensor:
         """Scale that makes a per-micro-batch mean add up like the task loss does.
 
         When the parent normalizes the task loss by the token count of the whole
         accumulated (and device-averaged) batch, the parent does not divide by
         the accumulation steps, so each micro-batch's regularizers are weighted
         by its share of those tokens. Otherwise the parent divides the returned
-        loss by the accumulation steps itself and the weight is 1.
+        loss by the accumulation steps itself and the weight is 1. Tokens are
+        counted as the Trainer counts them: after the causal shift (`shifted`),
+        or every label of a classifier.
         """
         if num_items_in_batch is None or not getattr(self, "model_accepts_loss_kwargs", False):
             return 1.0
-        local_tokens = (labels[..., 1:] != IGNORE_INDEX).sum()
+        scored = labels[..., 1:] if shifted else labels
+        local_tokens = (scored != IGNORE_INDEX).sum()
         weight = local_tokens / num_items_in_batch
         if getattr(self.args, "average_tokens_across_devices", False):
             processes = self.accelerator.num_processes
