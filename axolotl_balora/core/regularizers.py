@@ -148,18 +148,15 @@ def fused_regularizer_terms(
         chunk_size=config.chunk_size,
     )
     count = max(sums.count, 1)
-    terms = RegularizerTerms()
-    if sums.consistency is not None:
-        _evaluate("consistency", lambda: sums.consistency / count, True, terms)
-    if sums.neg_entropy is not None:
-        _evaluate("diversity", lambda: sums.neg_entropy / count, True, terms)
-    if config.lambda_svd > 0:
-        _evaluate(
-            "svd",
-            lambda: svd_ratio_from_hidden(
+    terms = _evaluate_terms(
+        {
+            "consistency": None if sums.consistency is None else (lambda: sums.consistency / count),
+            "diversity": None if sums.neg_entropy is None else (lambda: sums.neg_entropy / count),
+            "svd": lambda: svd_ratio_from_hidden(
                 hidden, labels, lm_head_r(), config.svd_top_k, config.svd_norm
             ),
-            lambdas.svd > 0,
-            terms,
-        )
+        },
+        config,
+        lambdas,
+    )
     return sums.cross_entropy / count, terms
