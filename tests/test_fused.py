@@ -207,3 +207,12 @@ def test_sharded_lm_head_falls_back_to_plain_path():
     model = apply_balora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     model.get_base_model().get_output_embeddings().weight.ds_id = 7
     assert "sharded" in fused_path_blocker(model)
+
+
+def test_label_smoothing_keeps_the_parents_task_loss(tmp_path):
+    """The fused cross-entropy has no label smoothing, so the parent's loss path is used."""
+    model = _perturbed_model()
+    trainer = _trainer(tmp_path, model, chunk_size=7)
+    trainer.args.label_smoothing_factor = 0.1
+    _loss_and_grads(trainer, model)
+    assert "label smoothing" in trainer._balora_fused_blocker

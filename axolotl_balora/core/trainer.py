@@ -98,6 +98,8 @@ class BALoRATrainerMixin:
     def _choose_loss_path(self, peft_model: nn.Module) -> str | None:
         if self.balora_config.chunk_size == 0:
             blocker = "balora_chunk_size is 0"
+        elif getattr(self.args, "label_smoothing_factor", 0) or getattr(self, "compute_loss_func", None):
+            blocker = "the task loss is customized (label smoothing or compute_loss_func)"
         else:
             blocker = fused_path_blocker(peft_model)
         if blocker is None:
