@@ -62,7 +62,7 @@ class BALoRAConfig:
     svd_norm: str = "frobenius"
     init: str = "pissa"
     lambda_schedule: str = "paper"
-    chunk_size: int = 1024
+    chunk_size: int = 256
     task: str = "auto"
 
     @classmethod

@@ -133,7 +133,7 @@ def fused_sums(
     weight: torch.Tensor,
     temperature: float = 2.0,
     top_k: int | None = 20,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> FusedSums:
     """CE, consistency and negative top-k entropy sums over the scored positions.
 
