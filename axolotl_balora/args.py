@@ -22,8 +22,9 @@ BALORA_KEYS = tuple(f"balora_{field.name}" for field in fields(BALoRAConfig))
 # Options whose Axolotl code paths only handle adapter "lora"/"qlora" and would
 # silently do something else for a balora run; refused until supported.
 UNSUPPORTED_WITH_BALORA = {
-    "load_in_4bit": "4-bit loading is only wired for adapter: qlora in Axolotl; "
-    "BA-LoRA on a quantized base is not supported yet",
+    "load_in_4bit": "Axolotl builds its 4-bit BitsAndBytesConfig only for adapter: qlora, so the "
+    "base would load in full precision; for QLoRA with BA-LoRA run "
+    "`python -m axolotl_balora.quantize BASE_MODEL OUT_DIR` once and set base_model: OUT_DIR",
     "load_in_8bit": "8-bit loading is only wired for adapter: lora in Axolotl; "
     "BA-LoRA on a quantized base is not supported yet",
     "gptq": "BA-LoRA needs a dense base weight for its PiSSA init",

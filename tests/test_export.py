@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -14,23 +11,9 @@ from peft import LoraConfig
 from axolotl_balora.core.adapters import TRAINING_STATE_DIR
 from axolotl_balora.core.init import apply_balora
 from tiny_models import tiny_llama, token_batch
+from vanilla_peft import vanilla_peft_logits
 
 TOLERANCE = 1e-4
-
-# Loads the adapter with vanilla PEFT in a fresh interpreter that never imports this package.
-VANILLA_RELOAD = textwrap.dedent(
-    """
-    import sys, torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-    base_dir, adapter_dir, tokens_path, out_path = sys.argv[1:]
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
-    with torch.no_grad():
-        torch.save(model(torch.load(tokens_path)).logits, out_path)
-    assert not any(name.startswith("axolotl_balora") for name in sys.modules)
-    """
-)
-
 
 @pytest.mark.parametrize(
     ("init", "lora_kwargs"),
@@ -59,15 +42,7 @@ def test_vanilla_peft_reproduces_trained_model(tmp_path, init, lora_kwargs):
     with torch.no_grad():
         expected = model(tokens).logits
     model.save_pretrained(tmp_path / "adapter")
-    torch.save(tokens, tmp_path / "tokens.pt")
-    script = tmp_path / "reload.py"
-    script.write_text(VANILLA_RELOAD)
-    subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "base"), str(tmp_path / "adapter"),
-         str(tmp_path / "tokens.pt"), str(tmp_path / "logits.pt")],
-        check=True,
-    )
-    reloaded = torch.load(tmp_path / "logits.pt")
+    reloaded = vanilla_peft_logits(tmp_path / "base", tmp_path / "adapter", tokens, tmp_path)
     assert (reloaded - expected).abs().max() <= TOLERANCE
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["init_lora_weights"] is True

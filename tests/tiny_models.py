@@ -19,10 +19,10 @@ from axolotl_balora.core import BALoRATrainerMixin
 VOCAB = 97
 
 
-def tiny_llama(seed: int = 0) -> PreTrainedModel:
+def tiny_llama(seed: int = 0, hidden_size: int = 32) -> PreTrainedModel:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()

@@ -56,16 +56,28 @@ def principal_factors(
     return u * root, root[:, None] * vh
 
 
-def _dense_base_weight(layer: LoraLayer) -> torch.Tensor:
-    """The base weight as (out, in), for the layer types whose weight is a plain tensor."""
+def base_weight_for_init(layer: LoraLayer) -> torch.Tensor:
+    """The base weight as a dense (out, in) matrix, dequantized for 4-bit bitsandbytes layers.
+
+    A 4-bit weight is recognised by its `quant_state`, never by its dtype: with a
+    float `bnb_4bit_quant_storage` (FSDP-QLoRA configs use bfloat16) the packed
+    bytes are stored in a float tensor of shape (n/2/itemsize, 1), and reading
+    them as a weight (as PEFT's PiSSA does for float dtypes) would decompose
+    noise. The quantized tensor itself is only read.
+    """
     base = layer.get_base_layer()
+    quant_state = getattr(base.weight, "quant_state", None)
+    if quant_state is not None:
+        import bitsandbytes.functional as bnb_functional  # only reachable with a bnb 4-bit base
+
+        return bnb_functional.dequantize_4bit(base.weight.data, quant_state)
     if isinstance(base, Conv1D):
         return base.weight.T
     if isinstance(base, nn.Linear) and not type(base).__module__.startswith("bitsandbytes"):
         return base.weight
     raise NotImplementedError(
-        f"BA-LoRA PiSSA init supports nn.Linear and Conv1D targets; got {type(base).__name__}. "
-        "Remove this module from lora_target_modules or use balora_init: gaussian."
+        f"BA-LoRA PiSSA init supports nn.Linear, Conv1D and bitsandbytes 4-bit targets; got "
+        f"{type(base).__name__}. Remove this module from lora_target_modules or use balora_init: gaussian."
     )
 
 
@@ -92,7 +104,7 @@ def attach_frozen_factors(model: PeftModel, lora_config: LoraConfig, niter: int 
         lora_a = layer.lora_A[TRAINABLE_ADAPTER]
         lora_b = layer.lora_B[TRAINABLE_ADAPTER]
         b0, a0 = principal_factors(
-            _dense_base_weight(layer),
+            base_weight_for_init(layer),
             rank=layer.r[TRAINABLE_ADAPTER],
             scaling=layer.scaling[TRAINABLE_ADAPTER],
             niter=niter,
