@@ -162,3 +162,15 @@ def test_load_in_4bit_is_refused_with_the_working_route():
 
     with pytest.raises(ValueError, match="load_in_4bit.*python -m axolotl_balora.quantize"):
         BALoRAArgs.model_validate({"adapter": "balora", "load_in_4bit": True})
+
+
+def test_quantize_refuses_bad_arguments_before_loading(tmp_path):
+    from axolotl_balora.quantize import quantize_to_nf4
+
+    with pytest.raises(ValueError, match="quant_storage 'int4'"):
+        quantize_to_nf4("unused", tmp_path / "out", quant_storage="int4")
+    with pytest.raises(ValueError, match="compute_dtype 'uint8'"):
+        quantize_to_nf4("unused", tmp_path / "out", compute_dtype="uint8")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match="taken exists"):
+        quantize_to_nf4("unused", tmp_path / "taken")
