@@ -50,6 +50,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "balora-diversity-only": {"adapter": "balora", **NO_REGULARIZERS, "balora_lambda_diversity": 0.005},
     "balora-svd-only": {"adapter": "balora", **NO_REGULARIZERS, "balora_lambda_svd": 0.005},
 }
+# A fairness check outside the equal-settings comparison: LoRA's B starts at zero and PiSSA's
+# factors do not, so at one shared learning rate LoRA may simply be slower; this gives it more.
+LORA_HIGH_LR = "lora-lr1e-3"
+METHODS[LORA_HIGH_LR] = {"adapter": "lora", "learning_rate": 1e-3}
 MAIN_METHODS = ("lora", "pissa", "balora")
 ABLATIONS = ("balora-consistency-only", "balora-diversity-only", "balora-svd-only")
 
@@ -81,11 +85,10 @@ def smoke_settings() -> StudySettings:
 
 def axolotl_config(method: str, seed: int, settings: StudySettings, dataset: Path, model: Path,
                    run_dir: Path, prepared: Path) -> dict[str, Any]:
-    """The YAML a user would write for this method; only the adapter keys differ between methods."""
-    return {
+    """The YAML a user would write for this method; only the keys in METHODS differ between methods."""
+    config = {
         "base_model": str(model),
         "plugins": ["axolotl_balora.BALoRAPlugin"],
-        **METHODS[method],
         "lora_r": settings.lora_r,
         "lora_alpha": settings.lora_r,  # the paper's r = alpha
         "lora_dropout": 0.0,
@@ -112,6 +115,7 @@ def axolotl_config(method: str, seed: int, settings: StudySettings, dataset: Pat
         "lora_qkv_kernel": False,
         "lora_o_kernel": False,
     }
+    return config | METHODS[method]
 
 
 def train(config: dict[str, Any], run_dir: Path) -> tuple[float, list[dict[str, float]]]:
@@ -200,7 +204,8 @@ def run_one(name: str, method: str | None, seed: int, settings: StudySettings, p
     started = time.monotonic()
     scores = score(paths["model"], run_dir if method else None, text, splits, settings)
     payload = {
-        "name": name, "method": method or "base", "seed": seed, **training, **scores,
+        "name": name, "method": method or "base", "seed": seed, "method_keys": METHODS.get(method, {}),
+        **training, **scores,
         "score_seconds": time.monotonic() - started,
         "settings": {**asdict(replace(settings, eval=None)), "eval": asdict(settings.eval)},
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
@@ -237,12 +242,13 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=default_results(), help="folder for per-run JSON")
     parser.add_argument("--seeds", type=int, default=3, help="seeds for lora, pissa and balora (default 3)")
     parser.add_argument("--ablation-seeds", type=int, default=1, help="seeds for each one-term ablation")
+    parser.add_argument("--lora-lr-seeds", type=int, default=3, help=f"seeds for {LORA_HIGH_LR} (fairness check)")
     parser.add_argument("--smoke", action="store_true", help="2 steps, lora + balora, 1 seed, tiny evaluation")
     parser.add_argument("--report", action="store_true", help="only merge existing JSON into the report")
     parser.add_argument("--docs", type=Path, default=REPO / "docs", help="where results.md and img/ go")
     args = parser.parse_args()
-    if args.seeds < 1 or args.ablation_seeds < 0:
-        parser.error("--seeds must be >= 1 and --ablation-seeds >= 0")
+    if args.seeds < 1 or args.ablation_seeds < 0 or args.lora_lr_seeds < 0:
+        parser.error("--seeds must be >= 1, --ablation-seeds and --lora-lr-seeds >= 0")
 
     from quality_metrics import EvalSizes
 
@@ -253,6 +259,7 @@ def main() -> None:
         runs += [(f"{m}-s{s}", m, s) for s in range(1 if args.smoke else args.seeds) for m in methods]
         if not args.smoke:
             runs += [(f"{m}-s{s}", m, s) for s in range(args.ablation_seeds) for m in ABLATIONS]
+            runs += [(f"{LORA_HIGH_LR}-s{s}", LORA_HIGH_LR, s) for s in range(args.lora_lr_seeds)]
         paths, text, splits = prepare(settings, args.results)
         started = time.monotonic()
         for index, (name, method, seed) in enumerate(runs, 1):

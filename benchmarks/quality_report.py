@@ -11,7 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
-METHOD_ORDER = ("base", "lora", "pissa", "balora",
+METHOD_ORDER = ("base", "lora", "lora-lr1e-3", "pissa", "balora",
                 "balora-consistency-only", "balora-diversity-only", "balora-svd-only")
 # (JSON key, column title, which way is better)
 METRICS = (
@@ -136,6 +136,8 @@ Per-run JSON: `{_relative(results)}/`. Report regenerated {datetime.date.today()
   (and LoRA's random A). Identical for every method; only the adapter keys differ
   (`METHODS` in benchmarks/quality.py). BA-LoRA uses the spec defaults (lambdas 0.025 / 0.005 / 0.005,
   the paper's schedule); PiSSA is the same initialization with every lambda 0.
+  `lora-lr1e-3` is outside that rule on purpose: LoRA at learning rate 1e-3, to see whether
+  LoRA only loses because one shared learning rate suits it less.
 - Training data: {settings["tasks"]["arithmetic_train"]} arithmetic word problems and
   {settings["tasks"]["sentiment_train"]} sentiment reviews (90% positive), one mixed alpaca dataset.
 - Scoring, with the exported adapter loaded by vanilla PEFT: greedy answers to
