@@ -149,16 +149,14 @@ def score(model_dir: Path, adapter_dir: Path | None, text: str, splits: dict, se
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model = base
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if adapter_dir is not None:
-        tuned_base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        model = PeftModel.from_pretrained(tuned_base, adapter_dir).eval()
+        model = PeftModel.from_pretrained(model, adapter_dir).eval()
     sizes = settings.eval
     return {
         **metrics.arithmetic_accuracy(model, tokenizer, splits["arithmetic"], sizes),
         **metrics.sentiment_scores(model, tokenizer, splits["sentiment"], sizes),
-        **metrics.text_drift(model, base, tokenizer, text, sizes),
+        **metrics.text_drift(model, tokenizer, text, sizes),
         **metrics.diversity(model, tokenizer, sizes),
     }
 

@@ -7,12 +7,14 @@ seeded sampling (temperature 1, no top-k / top-p) for diversity.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from axolotl.prompters import AlpacaPrompter
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quality_tasks import LABELS, Record, arithmetic_answer, expected_answer, sentiment_answer
@@ -105,20 +107,24 @@ def sentiment_scores(model, tokenizer, reviews: list[Record], sizes: EvalSizes) 
 
 
 @torch.no_grad()
-def text_drift(model, base, tokenizer, text: str, sizes: EvalSizes) -> dict[str, float]:
+def text_drift(model, tokenizer, text: str, sizes: EvalSizes) -> dict[str, float]:
     """Perplexity of the tuned model and mean token KL(base || tuned) on held-out English.
 
-    The text is cut into `text_windows` evenly spaced windows of `window_tokens` tokens.
+    The base is the same model with its adapter disabled (a LoRA adds nothing
+    then), so no second copy is loaded. The text is cut into `text_windows`
+    evenly spaced windows of `window_tokens` tokens.
     """
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     length = sizes.window_tokens
     stride = (len(ids) - length) // max(sizes.text_windows - 1, 1)
     windows = torch.stack([ids[i * stride : i * stride + length] for i in range(sizes.text_windows)])
+    without_adapter = model.disable_adapter if isinstance(model, PeftModel) else contextlib.nullcontext
     nll, kl, count = 0.0, 0.0, 0
     for start in range(0, len(windows), sizes.batch):
         chunk = windows[start : start + sizes.batch]
         tuned = model(input_ids=chunk).logits[:, :-1].float().log_softmax(-1)
-        reference = base(input_ids=chunk).logits[:, :-1].float().log_softmax(-1)
+        with without_adapter():
+            reference = model(input_ids=chunk).logits[:, :-1].float().log_softmax(-1)
         targets = chunk[:, 1:]
         nll -= tuned.gather(-1, targets.unsqueeze(-1)).sum().item()
         kl += (reference.exp() * (reference - tuned)).sum().item()

@@ -10,7 +10,7 @@ from peft import LoraConfig
 
 from axolotl_balora.core.adapters import TRAINING_STATE_DIR
 from axolotl_balora.core.init import apply_balora
-from tiny_models import tiny_llama, token_batch
+from tiny_models import perturb_trainable, tiny_llama, token_batch
 from vanilla_peft import vanilla_peft_logits
 
 TOLERANCE = 1e-4
@@ -32,11 +32,7 @@ def test_vanilla_peft_reproduces_trained_model(tmp_path, init, lora_kwargs):
     model = apply_balora(
         tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **lora_kwargs), init=init
     )
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():  # stand-in for training: move every trainable tensor
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    perturb_trainable(model)
     model.eval()
     tokens = token_batch()
     with torch.no_grad():

@@ -12,7 +12,7 @@ from axolotl_balora.core import BALoRAConfig, apply_balora
 from axolotl_balora.core.fused import LmHeadFactor, fused_sums, svd_ratio_from_hidden
 from axolotl_balora.core.hidden_states import fused_path_blocker
 from axolotl_balora.core.losses import consistency_kl, diversity_entropy, svd_ratio
-from tiny_models import VOCAB, BALoRATrainer, tiny_llama
+from tiny_models import perturb_trainable, VOCAB, BALoRATrainer, tiny_llama
 
 RTOL_F32 = 1e-5
 # bf16 hidden states: both paths upcast to float32 before the matmul, so they agree closely;
@@ -130,11 +130,7 @@ def _loss_and_grads(trainer, model):
 def _perturbed_model(**lora_kwargs):
     model = apply_balora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                   **lora_kwargs))
-    generator = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    perturb_trainable(model, seed=4, scale=0.05)
     return model
 
 

@@ -16,7 +16,7 @@ from axolotl_balora.core.fused import LmHeadFactor
 from axolotl_balora.core.hidden_states import final_hidden_states
 from axolotl_balora.core.regularizers import fused_regularizer_terms, plain_regularizer_terms
 from axolotl_balora.core.schedules import lambdas_at
-from tiny_models import VOCAB, tiny_llama
+from tiny_models import perturb_trainable, VOCAB, tiny_llama
 
 LENGTHS = (7, 5, 9)
 CONFIG = BALoRAConfig(lambda_schedule="constant", svd_top_k=3)
@@ -58,11 +58,7 @@ def _padded():
 @pytest.fixture(scope="module")
 def model():
     model = apply_balora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    perturb_trainable(model, seed=2, scale=0.05)
     return model.eval()
 
 

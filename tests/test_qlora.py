@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from axolotl_balora.core.config import BALoRAConfig
 from axolotl_balora.core.init import apply_balora, lora_layers, principal_factors
 from axolotl_balora.core.adapters import TRAINABLE_ADAPTER
-from tiny_models import BALoRATrainer, tiny_llama, token_batch, token_dataset
+from tiny_models import perturb_trainable, BALoRATrainer, tiny_llama, token_batch, token_dataset
 from vanilla_peft import vanilla_peft_logits
 
 STORAGES = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -108,11 +108,7 @@ def test_export_applies_to_the_saved_nf4_checkpoint(base_dir, tmp_path):
     _nf4_model(base_dir, torch.uint8).save_pretrained(nf4_dir)
     model = apply_balora(AutoModelForCausalLM.from_pretrained(nf4_dir),
                          LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():  # stand-in for training: move every trainable tensor
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    perturb_trainable(model)
     tokens = token_batch()
     with torch.no_grad():
         expected = model.train()(tokens).logits  # from_pretrained returns eval mode: see the docstring

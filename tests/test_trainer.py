@@ -8,7 +8,7 @@ from peft import LoraConfig
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from axolotl_balora.core import BALoRAConfig, apply_balora
-from tiny_models import BALoRATrainer, tiny_llama, token_dataset
+from tiny_models import perturb_trainable, BALoRATrainer, tiny_llama, token_dataset
 
 
 class LogRecorder(TrainerCallback):
@@ -31,11 +31,7 @@ def _train(tmp_path, config: BALoRAConfig, micro_batch: int, accumulation: int, 
         tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), init="pissa"
     )
     if perturb:  # move off the init so the consistency term has a gradient too
-        generator = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if param.requires_grad:
-                    param.add_(0.05 * torch.randn(param.shape, generator=generator))
+        perturb_trainable(model, seed=5, scale=0.05)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     args = TrainingArguments(
         output_dir=str(tmp_path / f"out-{micro_batch}-{accumulation}"),

@@ -58,3 +58,12 @@ def token_dataset(rows: int, seq: int, seed: int, prompt_length: Callable[[int],
         labels[: prompt_length(row)] = -100
         data.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones(seq, dtype=torch.long)})
     return data
+
+
+def perturb_trainable(model: torch.nn.Module, seed: int = 7, scale: float = 0.1) -> None:
+    """A stand-in for training: move every trainable tensor by seeded noise."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(scale * torch.randn(param.shape, generator=generator))
