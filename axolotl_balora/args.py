@@ -48,6 +48,11 @@ UNSUPPORTED_WITH_BALORA = {
 }
 
 
+# Each rank of a context-parallel group holds a slice of every sequence, so the
+# terms would be computed per slice (the SVD term over the wrong rows).
+SEQUENCE_SPLITTING_KEYS = ("context_parallel_size", "sequence_parallel_degree")
+
+
 def config_from_mapping(values: dict[str, Any]) -> BALoRAConfig:
     """BALoRAConfig from `balora_*` keys (missing or None keys take the spec default)."""
     kwargs = {
@@ -84,6 +89,17 @@ def _check_compatibility(data: dict[str, Any]) -> None:
             )
 
 
+def _check_sequence_splitting(data: dict[str, Any]) -> None:
+    for key in SEQUENCE_SPLITTING_KEYS:
+        degree = data.get(key)
+        if isinstance(degree, int) and degree > 1:
+            raise ValueError(
+                f"{key}: {degree} is not supported with adapter: {ADAPTER_NAME} (each rank would "
+                f"see a slice of every sequence and BA-LoRA's terms would be computed per slice); "
+                f"set {key}: 1 or remove it"
+            )
+
+
 class BALoRAArgs(BaseModel):
     """BA-LoRA options (see README for each key's meaning).
 
@@ -113,6 +129,7 @@ class BALoRAArgs(BaseModel):
         if data.get("adapter") == ADAPTER_NAME:
             config_from_mapping(data)
             _check_compatibility(data)
+            _check_sequence_splitting(data)
         return data
 
     @model_validator(mode="after")

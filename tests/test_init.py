@@ -99,6 +99,26 @@ def test_randomized_factors_are_deterministic_and_leave_global_rng_alone():
     assert torch.equal(after_first, after_second)
 
 
+@pytest.mark.parametrize("adapter_dtype", [torch.float16, torch.bfloat16])
+def test_step0_exact_when_only_adapter_parameters_are_cast(arch, saved_base, adapter_dtype):
+    """axolotl 0.21 (CPU) and DeepSpeed's bf16 engine cast parameters but not buffers."""
+    tokens = token_batch()
+    model = apply_balora(
+        AutoModelForCausalLM.from_pretrained(saved_base, dtype=torch.float32),
+        _lora_config(arch), init="pissa_niter_4",
+    ).eval()
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.to(adapter_dtype)
+    with torch.no_grad():
+        adapter_on = model(tokens).logits
+        with model.disable_adapter():
+            adapter_off = model(tokens).logits
+    scale = adapter_off.abs().max()
+    assert (adapter_on - adapter_off).abs().max() <= 1e-6 * scale
+    assert torch.equal(adapter_off, _fresh_logits(saved_base, tokens))
+
+
 def test_bf16_model_computes_factors_in_float32(saved_base, arch):
     model = AutoModelForCausalLM.from_pretrained(saved_base, dtype=torch.bfloat16)
     peft_model = apply_balora(model, _lora_config(arch), init="pissa")

@@ -9,7 +9,7 @@ from axolotl.utils.config import prepare_plugins, validate_config
 from axolotl.utils.dict import DictDefault
 
 from axolotl_balora import BALoRAPlugin
-from axolotl_balora.args import UNSUPPORTED_WITH_BALORA, BALORA_KEYS
+from axolotl_balora.args import BALORA_KEYS, SEQUENCE_SPLITTING_KEYS, UNSUPPORTED_WITH_BALORA
 from axolotl_balora.core.config import BALoRAConfig
 from axolotl_balora.plugin import BALoRATrainer
 from axolotl_cli import base_config
@@ -81,6 +81,13 @@ def test_lora_config_without_balora_keys_is_untouched(make_config):
 def test_options_axolotl_only_wires_for_lora_are_refused(make_config, key):
     with pytest.raises(Exception, match=f"{key}: True is not supported with adapter: balora"):
         _validate(make_config(**{key: True}))
+
+
+@pytest.mark.parametrize("key", SEQUENCE_SPLITTING_KEYS)
+def test_sequence_splitting_is_refused_but_degree_one_is_fine(make_config, key):
+    with pytest.raises(Exception, match=f"{key}: 2 is not supported with adapter: balora"):
+        _validate(make_config(**{key: 2}))
+    assert _validate(make_config(**{key: 1})).adapter == "balora"
 
 
 def test_fused_lora_kernels_are_not_auto_enabled_for_balora(make_config):

@@ -87,6 +87,23 @@ def _as_buffer(linear: nn.Linear, value: torch.Tensor) -> None:
     linear.register_buffer("weight", value)
 
 
+def _frozen_follow_trainable_dtype(layer: LoraLayer, args: tuple) -> None:
+    """Forward pre-hook: keep the frozen factors in the trainable factors' current dtype.
+
+    Frameworks cast parameters but not buffers (axolotl 0.21 on CPU casts the
+    adapter to float16, DeepSpeed's bf16 engine to bfloat16). The trainable
+    factors were cast from the very values the frozen ones hold, so rounding the
+    frozen buffers the same way keeps the two pairs cancelling bit for bit.
+    """
+    for pair in (layer.lora_A, layer.lora_B):
+        if FROZEN_ADAPTER not in pair or TRAINABLE_ADAPTER not in pair:
+            continue
+        dtype = pair[TRAINABLE_ADAPTER].weight.dtype
+        frozen = pair[FROZEN_ADAPTER]
+        if frozen.weight.dtype != dtype:
+            frozen.weight = frozen.weight.to(dtype)
+
+
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
 
@@ -116,6 +133,7 @@ def attach_frozen_factors(model: PeftModel, lora_config: LoraConfig, niter: int 
         _as_buffer(layer.lora_A[FROZEN_ADAPTER], lora_a.weight.detach().clone())
         _as_buffer(layer.lora_B[FROZEN_ADAPTER], -lora_b.weight.detach().clone())
         layer.set_adapter([TRAINABLE_ADAPTER, FROZEN_ADAPTER])
+        layer.register_forward_pre_hook(_frozen_follow_trainable_dtype)
         if index % 50 == 0 or index == len(layers):
             LOG.info("BA-LoRA PiSSA init: %d/%d layers (%s)", index, len(layers), name)
     # Adding an adapter re-freezes every non-LoRA tensor, modules_to_save copies included.
