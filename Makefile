@@ -12,6 +12,9 @@ export HF_HUB_OFFLINE := 1
 export AXOLOTL_DO_NOT_TRACK := 1
 export WANDB_MODE := disabled
 export TRL_EXPERIMENTAL_SILENCE := 1
+# DeepSpeed (dev extra, for the ZeRO tests on CPU ranks) installs from its sdist; with
+# its C++/CUDA ops left to JIT (never built here) that is pure Python, about a minute.
+export DS_BUILD_OPS := 0
 
 .PHONY: demo test quality setup constraints
 

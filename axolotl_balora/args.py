@@ -8,7 +8,9 @@ core (`BALoRAConfig`), shared with plain-transformers users.
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, model_validator
@@ -100,6 +102,38 @@ def _check_sequence_splitting(data: dict[str, Any]) -> None:
             )
 
 
+# With this off, the HF Trainer saves ZeRO-3 models with an empty state dict (the
+# weights only in DeepSpeed's own shards), so an adapter save would be empty.
+ZERO3_GATHER_KEYS = ("stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save")
+
+
+def _deepspeed_config(value: Any) -> dict[str, Any] | None:
+    """The `deepspeed:` value as a dict: inline, or read from its JSON file (None if unreadable)."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, (str, Path)) and Path(value).is_file():
+        try:
+            loaded = json.loads(Path(value).read_text())
+        except (OSError, ValueError):
+            return None  # DeepSpeed itself reports a malformed file
+        return loaded if isinstance(loaded, dict) else None
+    return None
+
+
+def _check_zero3_save(data: dict[str, Any]) -> None:
+    config = _deepspeed_config(data.get("deepspeed"))
+    zero = (config or {}).get("zero_optimization") or {}
+    if zero.get("stage") != 3 or any(zero.get(key) is True for key in ZERO3_GATHER_KEYS):
+        return
+    source = data["deepspeed"] if isinstance(data["deepspeed"], str) else "the inline config"
+    raise ValueError(
+        f"deepspeed: {source} is ZeRO-3 with {ZERO3_GATHER_KEYS[0]} {zero.get(ZERO3_GATHER_KEYS[0])!r}; without it the "
+        f"Trainer hands the save an empty state dict and the BA-LoRA adapter (checkpoints and "
+        f'output_dir) would be empty. Set "{ZERO3_GATHER_KEYS[0]}": true in its zero_optimization '
+        f"section (cheap here: for a PEFT model the Trainer gathers only the adapter tensors)"
+    )
+
+
 class BALoRAArgs(BaseModel):
     """BA-LoRA options (see README for each key's meaning).
 
@@ -130,6 +164,7 @@ class BALoRAArgs(BaseModel):
             config_from_mapping(data)
             _check_compatibility(data)
             _check_sequence_splitting(data)
+            _check_zero3_save(data)
         return data
 
     @model_validator(mode="after")

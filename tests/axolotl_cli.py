@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,14 @@ sys.path.insert(0, str(REPO_ROOT / "ci"))
 
 from demo_summary import training_logs  # noqa: E402  (re-exported for the tests)
 
-__all__ = ["base_config", "run_axolotl", "run_axolotl_train", "training_logs"]
+__all__ = ["base_config", "free_port", "run_axolotl", "run_axolotl_on_cpu_ranks", "run_axolotl_train",
+           "training_logs"]
+
+# The test-only patch that lets accelerate/axolotl run DeepSpeed and FSDP2 on CPU ranks.
+CPU_DISTRIBUTED_DIR = Path(__file__).with_name("cpu_distributed")
+ENGINE_ENV = {
+    "deepspeed": {"DS_ACCELERATOR": "cpu", "ACCELERATE_USE_DEEPSPEED": "true"},
+}
 
 
 def base_config(model_dir: Path, dataset: Path, workdir: Path, **overrides: Any) -> dict[str, Any]:
@@ -60,6 +68,34 @@ def base_config(model_dir: Path, dataset: Path, workdir: Path, **overrides: Any)
 def run_axolotl_train(config: dict[str, Any], workdir: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     """`axolotl train config.yml --launcher python` with the venv's bin first on PATH."""
     return run_axolotl("train", config, workdir, ["--launcher", "python"], timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_axolotl_on_cpu_ranks(config: dict[str, Any], workdir: Path, engine: str, ranks: int = 2,
+                             extra_env: dict[str, str] | None = None,
+                             timeout: int = 900) -> subprocess.CompletedProcess:
+    """`axolotl train --launcher torchrun` on `ranks` CPU processes (gloo) with the real `engine`.
+
+    The test-only patch in tests/cpu_distributed is on PYTHONPATH of every rank, and
+    `max_memory` keeps axolotl from forcing a CUDA device map.
+    """
+    env = {
+        "ACCELERATE_USE_CPU": "true",
+        "BALORA_CPU_DISTRIBUTED_PATCH": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(CPU_DISTRIBUTED_DIR), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+        **ENGINE_ENV[engine],
+        **(extra_env or {}),
+    }
+    config = {"max_memory": {"cpu": "8GiB"}, **config}
+    launcher = ["--launcher", "torchrun", "--", "--nproc_per_node", str(ranks),
+                "--master_port", str(free_port())]
+    return run_axolotl("train", config, workdir, launcher, timeout=timeout, extra_env=env)
 
 
 def run_axolotl(command: str, config: dict[str, Any], workdir: Path, extra_args: list[str] = (),

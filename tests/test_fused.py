@@ -179,9 +179,10 @@ def test_failed_svd_is_skipped_counted_and_task_loss_still_trains(tmp_path, monk
     trainer = _trainer(tmp_path, model, chunk_size=7)
     loss, grads = _loss_and_grads(trainer, model)
     assert torch.isfinite(loss) and any(g.abs().sum() > 0 for g in grads.values())
-    assert trainer._balora_log_buffer["balora/skipped_svd"] == [1]
-    assert "balora/svd" not in trainer._balora_log_buffer
-    assert trainer._balora_log_buffer["balora/consistency"]
+    logs = trainer._balora_tally.reduce_and_reset(trainer.accelerator, trainer.args.device)
+    assert logs["balora/skipped_svd"] == 1
+    assert "balora/svd" not in logs
+    assert logs["balora/consistency"] >= 0
 
 
 def test_half_precision_lm_head_matches_the_models_own_logits():

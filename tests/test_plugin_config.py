@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib.metadata import entry_points
 
 import pytest
@@ -115,3 +116,25 @@ def test_plugin_is_importable_both_ways_and_declared_as_entry_point():
     assert from_module is BALoRAPlugin
     declared = {ep.name: ep.value for ep in entry_points(group="axolotl.plugins")}
     assert declared.get("balora") == "axolotl_balora:BALoRAPlugin"
+
+
+@pytest.mark.parametrize(
+    ("zero", "refused"),
+    [({"stage": 3}, True),
+     ({"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}, True),
+     ({"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}, False),
+     ({"stage": 2}, False)],
+    ids=["zero3-unset", "zero3-off", "zero3-on", "zero2"],
+)
+@pytest.mark.parametrize("inline", [False, True], ids=["file", "inline"])
+def test_zero3_without_the_16bit_gather_is_refused(make_config, tmp_path, zero, refused, inline):
+    """Without the gather the Trainer saves ZeRO-3 models with an empty state dict."""
+    config = {"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto"}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    cfg = make_config(deepspeed=config if inline else str(path))
+    if refused:
+        with pytest.raises(ValueError, match="stage3_gather_16bit_weights_on_model_save"):
+            _validate(cfg)
+    else:
+        _validate(cfg)

@@ -13,7 +13,9 @@ every state dict and checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
@@ -81,6 +83,25 @@ def base_weight_for_init(layer: LoraLayer) -> torch.Tensor:
     )
 
 
+@contextlib.contextmanager
+def gathered_base_weight(layer: LoraLayer) -> Iterator[None]:
+    """Make the layer's full base weight readable for the duration of the block.
+
+    Under DeepSpeed ZeRO-3 (axolotl builds the model inside `zero.Init`) each rank
+    holds an empty partition (`weight.shape == (0,)`, the real one in `ds_shape`).
+    Every rank gathers the same one weight (read-only: no modifier rank), so the
+    extra memory is one layer's weight and all ranks decompose identical values.
+    """
+    weight = layer.get_base_layer().weight
+    if not hasattr(weight, "ds_shape"):
+        yield
+        return
+    import deepspeed  # only reachable for a ZeRO-3 partitioned parameter
+
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+        yield
+
+
 def _as_buffer(linear: nn.Linear, value: torch.Tensor) -> None:
     """Replace the Linear's weight parameter by a buffer holding `value` (never trainable)."""
     del linear.weight
@@ -120,12 +141,13 @@ def attach_frozen_factors(model: PeftModel, lora_config: LoraConfig, niter: int 
             continue
         lora_a = layer.lora_A[TRAINABLE_ADAPTER]
         lora_b = layer.lora_B[TRAINABLE_ADAPTER]
-        b0, a0 = principal_factors(
-            base_weight_for_init(layer),
-            rank=layer.r[TRAINABLE_ADAPTER],
-            scaling=layer.scaling[TRAINABLE_ADAPTER],
-            niter=niter,
-        )
+        with gathered_base_weight(layer):
+            b0, a0 = principal_factors(
+                base_weight_for_init(layer),
+                rank=layer.r[TRAINABLE_ADAPTER],
+                scaling=layer.scaling[TRAINABLE_ADAPTER],
+                niter=niter,
+            )
         with torch.no_grad():
             lora_a.weight.copy_(a0.to(lora_a.weight.dtype))
             lora_b.weight.copy_(b0.to(lora_b.weight.dtype))

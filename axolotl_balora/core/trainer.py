@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.trainer_utils import get_last_checkpoint
 
 from .config import BALoRAConfig
 from .adapters import TRAINING_STATE_DIR
-from .checkpoint import load_training_state
+from .checkpoint import check_compatible, load_training_state
 from .classification import recorded_pooled_features, reference_features, uses_classification_form
 from .init import activate_balora_adapters, check_frozen_factors_active
 from .losses import IGNORE_INDEX
@@ -39,6 +39,7 @@ from .regularizers import (
     plain_regularizer_terms,
 )
 from .schedules import Lambdas, lambdas_at
+from .term_tally import TermTally
 
 LOG = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class BALoRATrainerMixin:
     def __init__(self, *args: Any, balora_config: BALoRAConfig | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.balora_config = balora_config or BALoRAConfig()
-        self._balora_log_buffer: dict[str, list[float]] = defaultdict(list)
+        self._balora_tally = TermTally()
         self._balora_checked = False
         self._balora_classification = False
         self._balora_fused_blocker: str | None = None
@@ -175,6 +176,19 @@ class BALoRATrainerMixin:
         return weight
 
     # -- checkpoints --------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """Refuse a checkpoint of another adapter layout or init before anything loads it.
+
+        DeepSpeed resumes through its own checkpoint loader, never through
+        `_load_from_checkpoint`; the check must not depend on which engine runs.
+        """
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, (str, Path)) and (Path(checkpoint) / TRAINING_STATE_DIR).is_dir():
+            check_compatible(self.accelerator.unwrap_model(self.model), Path(checkpoint) / TRAINING_STATE_DIR)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Resume from the raw adapters under TRAINING_STATE_DIR, not the rank-2r export."""
         state_dir = Path(resume_from_checkpoint) / TRAINING_STATE_DIR
@@ -188,18 +202,14 @@ class BALoRATrainerMixin:
 
     # -- logging ------------------------------------------------------------
     def _record(self, terms: RegularizerTerms, lambdas: Lambdas) -> None:
-        for name in TERM_NAMES:
-            if name in terms.values:
-                self._balora_log_buffer[f"balora/{name}"].append(terms.values[name].item())
-            self._balora_log_buffer[f"balora/lambda_{name}"].append(getattr(lambdas, name))
-            if name in terms.skipped:
-                self._balora_log_buffer[f"balora/skipped_{name}"].append(terms.skipped[name])
+        self._balora_tally.add(terms, lambdas)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Attach the mean of each term since the last training log (counts are summed)."""
-        if "loss" in logs and self._balora_log_buffer:
-            for key, values in self._balora_log_buffer.items():
-                total = sum(values)
-                logs[key] = total if key.startswith("balora/skipped") else total / len(values)
-            self._balora_log_buffer.clear()
+        """Attach each term's mean since the last training log, over every rank (skips summed).
+
+        The Trainer logs on every rank at the same steps, so the one reduction here
+        is collective-safe; it is the only host sync the terms cost.
+        """
+        if "loss" in logs and self._balora_tally.micro_batches:
+            logs.update(self._balora_tally.reduce_and_reset(self.accelerator, self.args.device))
         super().log(logs, *args, **kwargs)

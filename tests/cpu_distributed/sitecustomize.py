@@ -1,0 +1,101 @@
+"""Test-only: let accelerate and axolotl run DeepSpeed and FSDP2 on CPU ranks over gloo.
+
+Put this folder on PYTHONPATH of an `axolotl train` subprocess (the tests do, via
+`tests/axolotl_cli.py`): Python imports `sitecustomize` at start-up in the CLI and in
+every torchrun rank. It rewrites a few exact spots of accelerate and axolotl source
+as those modules are imported, and nothing else:
+
+* accelerate `state.py`: DeepSpeed is selected only when `cpu` is off, yet CPU ranks
+  need `cpu=True` to get the gloo backend; and FSDP is selected only for GPU-like
+  distributed types. Both selections also accept CPU ranks here.
+* transformers `training_args.py`: bf16 is refused without a bf16 GPU unless
+  `use_cpu`, which axolotl never sets.
+* axolotl: the device mesh and three tensors are built on a literal "cuda" device.
+
+A spot that is not found exactly once raises, so a changed upstream version fails
+the tests loudly instead of silently running without the patch. Never part of the
+package: on GPUs none of this is needed.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+
+_USE_DEEPSPEED = 'os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"'
+
+# module -> [(exact old text, new text, how many times the old text occurs)]
+PATCHES: dict[str, list[tuple[str, str, int]]] = {
+    "accelerate.state": [
+        # AcceleratorState: take the DeepSpeed branch on CPU ranks too.
+        (f"elif {_USE_DEEPSPEED} and not cpu:", f"elif {_USE_DEEPSPEED}:", 1),
+        # PartialState: after the MULTI_CPU gloo init, the run is a DeepSpeed run.
+        (
+            "            if use_deepspeed:\n                self.distributed_type = DistributedType.DEEPSPEED\n",
+            "            if use_deepspeed or (cpu and self.backend is not None and "
+            f"{_USE_DEEPSPEED}):\n"
+            "                self.distributed_type = DistributedType.DEEPSPEED\n",
+            1,
+        ),
+        # AcceleratorState: the FSDP selection also for CPU ranks.
+        (
+            "            elif self.distributed_type in [\n                DistributedType.MULTI_GPU,\n",
+            "            elif self.distributed_type in [\n                DistributedType.MULTI_CPU,\n"
+            "                DistributedType.MULTI_GPU,\n",
+            1,
+        ),
+    ],
+    # TrainingArguments refuses bf16 without a bf16 GPU unless use_cpu, which axolotl never
+    # sets; CPU ranks (ACCELERATE_USE_CPU) compute bf16 fine.
+    "transformers.training_args": [
+        (
+            "if not self.use_cpu and not is_torch_bf16_gpu_available()",
+            "if not self.use_cpu and not is_torch_bf16_gpu_available()"
+            ' and os.environ.get("ACCELERATE_USE_CPU") != "true"',
+            1,
+        ),
+    ],
+    "axolotl.utils.distributed": [
+        ('parallelism_config.build_device_mesh("cuda")', 'parallelism_config.build_device_mesh("cpu")', 1),
+    ],
+    "axolotl.monkeypatch.accelerate.fsdp2": [
+        ('torch.device("cuda")', 'torch.device("cpu")', 3),
+    ],
+}
+
+
+def patched_source(name: str, source: str) -> str:
+    """`source` with every spot of PATCHES[name] rewritten; raises if a spot is missing."""
+    for old, new, times in PATCHES[name]:
+        count = source.count(old)
+        if count != times:
+            raise RuntimeError(
+                f"cpu_distributed patch: {old!r} found {count} times in {name}, expected {times}"
+            )
+        source = source.replace(old, new)
+    return source
+
+
+class _PatchedSourceLoader(importlib.machinery.SourceFileLoader):
+    """Compiles the patched source; never reads or writes the bytecode cache."""
+
+    def get_code(self, fullname: str):
+        source = self.get_source(fullname)
+        return compile(patched_source(fullname, source), self.path, "exec", dont_inherit=True)
+
+
+class _PatchingFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in PATCHES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or not isinstance(spec.loader, importlib.machinery.SourceFileLoader):
+            return spec
+        spec.loader = _PatchedSourceLoader(fullname, spec.origin)
+        return spec
+
+
+if os.environ.get("BALORA_CPU_DISTRIBUTED_PATCH") == "1":
+    sys.meta_path.insert(0, _PatchingFinder())
