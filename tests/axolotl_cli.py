@@ -23,6 +23,7 @@ __all__ = ["base_config", "free_port", "run_axolotl", "run_axolotl_on_cpu_ranks"
 CPU_DISTRIBUTED_DIR = Path(__file__).with_name("cpu_distributed")
 ENGINE_ENV = {
     "deepspeed": {"DS_ACCELERATOR": "cpu", "ACCELERATE_USE_DEEPSPEED": "true"},
+    "fsdp": {},  # axolotl sets ACCELERATE_USE_FSDP from fsdp_config itself
 }
 
 

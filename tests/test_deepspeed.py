@@ -10,35 +10,31 @@ model and with vanilla PEFT loading what the run saved.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
-from peft import LoraConfig
-from transformers import AutoModelForCausalLM
 
-from axolotl_balora.core.init import apply_balora
 from axolotl_cli import base_config, run_axolotl_on_cpu_ranks, run_axolotl_train, training_logs
-from cpu_distributed.balora_probe import probe_tokens
-from vanilla_peft import vanilla_peft_logits
+from probe_checks import (
+    FLOAT32,
+    PROBE,
+    assert_factors_match_unsharded,
+    assert_saved_adapters_reproduce_the_run,
+    ok,
+    pretrained_logits,
+)
 
 pytestmark = pytest.mark.slow
 
-PROBE = "balora_probe.ProbePlugin"
 TERMS = ("balora/consistency", "balora/diversity", "balora/svd")
-# Vanilla PEFT on the rank-2r export vs the trained model, float32 (the issue's bound).
-EXPORT_TOLERANCE = 1e-4
 # A resumed run vs the uninterrupted one: same batches, same optimizer state, float32.
 RESUME_TOLERANCE = 1e-5
 # Two ranks' terms averaged vs one process averaging the same two micro-batches.
 LOG_RELATIVE_TOLERANCE = 1e-4
-# Axolotl turns fp16 on by itself where no bf16 GPU is found; these runs are float32.
-FLOAT32 = {"bf16": False, "fp16": False}
 
 
 def zero_json(directory: Path, stage: int, bf16: bool | str = False) -> Path:
@@ -64,65 +60,6 @@ def deepspeed_run(config: dict, workdir: Path):
     return result, probe
 
 
-def _ok(result) -> str:
-    text = result.stdout + result.stderr
-    assert result.returncode == 0, text[-4000:]
-    return text
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """As each rank runs: LAPACK's and the matmuls' last bits depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def pretrained_as_run_held_it(model_dir: Path, probe: Path) -> torch.nn.Module:
-    """The pre-trained model with each tensor in the dtype the run held it in.
-
-    Axolotl casts buffers too (the rotary frequencies) in a bf16 run.
-    """
-    dtypes = torch.load(probe / "logits_begin.pt")["base_dtypes"]
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        tensor.data = tensor.data.to(getattr(torch, dtypes[name].removeprefix("torch.")))
-    return model
-
-
-def pretrained_logits(model_dir: Path, probe: Path) -> torch.Tensor:
-    model = pretrained_as_run_held_it(model_dir, probe)
-    with one_thread(), torch.no_grad():
-        return model(probe_tokens(model.config.vocab_size)).logits.float()
-
-
-def unsharded_factors(model_dir: Path, probe: Path, state_dir: Path) -> dict[str, torch.Tensor]:
-    """The frozen factors one process builds from the same base and the saved adapter layout."""
-    saved = json.loads((state_dir / "adapter_config.json").read_text())
-    init = json.loads((state_dir / "balora.json").read_text())["init"]
-    config = LoraConfig(r=saved["r"], lora_alpha=saved["lora_alpha"], lora_dropout=0.0,
-                        target_modules=saved["target_modules"], task_type=saved["task_type"])
-    with one_thread():
-        model = apply_balora(pretrained_as_run_held_it(model_dir, probe), config, init=init)
-    return {name: buffer.float() for name, buffer in model.named_buffers() if ".balora_init." in name}
-
-
-def assert_factors_match_unsharded(probe: Path, model_dir: Path, state_dir: Path, exact: bool) -> None:
-    ranks = [safetensors.torch.load_file(probe / f"factors_rank{rank}.safetensors") for rank in (0, 1)]
-    assert ranks[0] and ranks[0].keys() == ranks[1].keys()
-    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # bit-identical across ranks
-    expected = unsharded_factors(model_dir, probe, state_dir)
-    assert expected.keys() == ranks[0].keys()
-    for name, value in expected.items():
-        if exact:
-            assert torch.equal(ranks[0][name], value), name
-        else:
-            assert torch.allclose(ranks[0][name], value, rtol=0, atol=1e-5 * value.abs().max()), name
-
-
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
 def uninterrupted(request, tiny_llama_dir, tiny_dataset, tmp_path_factory):
     """4 steps on 2 ranks in float32, checkpoints at steps 2 and 4."""
@@ -135,7 +72,7 @@ def uninterrupted(request, tiny_llama_dir, tiny_dataset, tmp_path_factory):
     )
     result, probe = deepspeed_run(config, workdir)
     return {"stage": stage, "config": config, "workdir": workdir, "probe": probe,
-            "logs": training_logs(_ok(result))}
+            "logs": training_logs(ok(result))}
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +80,7 @@ def single_process_logs(tiny_llama_dir, tiny_dataset, tmp_path_factory):
     """One process seeing each step's two micro-batches (accumulation 2) that two ranks split."""
     workdir = tmp_path_factory.mktemp("single")
     config = base_config(tiny_llama_dir, tiny_dataset, workdir, balora_init="pissa", **FLOAT32)
-    return training_logs(_ok(run_axolotl_train(config, workdir)))
+    return training_logs(ok(run_axolotl_train(config, workdir)))
 
 
 def test_every_rank_holds_the_unsharded_factors(uninterrupted, tiny_llama_dir):
@@ -155,17 +92,8 @@ def test_every_rank_holds_the_unsharded_factors(uninterrupted, tiny_llama_dir):
 
 
 def test_checkpoints_and_final_adapter_load_in_vanilla_peft(uninterrupted, tiny_llama_dir, tmp_path):
-    out, probe = uninterrupted["workdir"] / "out", uninterrupted["probe"]
-    tokens = probe_tokens(AutoModelForCausalLM.from_pretrained(tiny_llama_dir).config.vocab_size)
-    for adapter_dir, trained in [(out / "checkpoint-2", probe / "logits_step2.pt"),
-                                 (out, probe / "logits_end.pt")]:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text())
-        assert config["r"] == 2 * uninterrupted["config"]["lora_r"]
-        reloaded = vanilla_peft_logits(tiny_llama_dir, adapter_dir, tokens, tmp_path / adapter_dir.name)
-        difference = (reloaded - torch.load(trained)).abs().max().item()
-        assert difference <= EXPORT_TOLERANCE, (adapter_dir, difference)
-    begin = torch.load(probe / "logits_begin.pt")
-    assert (torch.load(probe / "logits_end.pt") - begin["on"]).abs().max() > 1e-3  # training moved it
+    assert_saved_adapters_reproduce_the_run(uninterrupted["workdir"], tiny_llama_dir, tmp_path,
+                                            lora_r=uninterrupted["config"]["lora_r"])
 
 
 def test_logged_terms_are_the_mean_over_ranks(uninterrupted, single_process_logs):
@@ -191,7 +119,7 @@ def _resume(uninterrupted, tmp_path: Path, **overrides):
 
 def test_resumed_run_ends_with_the_uninterrupted_adapter(uninterrupted, tmp_path):
     result, output = _resume(uninterrupted, tmp_path)
-    logs = training_logs(_ok(result))
+    logs = training_logs(ok(result))
     assert len(logs) == 2  # steps 3 and 4 only
     expected = safetensors.torch.load_file(uninterrupted["workdir"] / "out" / "adapter_model.safetensors")
     got = safetensors.torch.load_file(output / "adapter_model.safetensors")
@@ -229,7 +157,7 @@ def test_zero3_bf16_engine_step0_is_the_pretrained_model(tiny_llama_dir, tiny_da
         max_steps=1, save_strategy="no",
     )
     result, probe = deepspeed_run(config, tmp_path)
-    _ok(result)
+    ok(result)
     begin = torch.load(probe / "logits_begin.pt")
     assert begin["engine_bf16"] is True and begin["zero_stage"] == 3
     assert weights_dtype in begin["dtypes"]

@@ -133,6 +133,35 @@ def save_balora_adapter(
         os.replace(export_path / ADAPTER_CONFIG, directory / ADAPTER_CONFIG)
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if type(tensor).__name__ == "DTensor" else tensor
+
+
+def save_sharded_balora_adapter(model: PeftModel, save_directory: str | os.PathLike) -> None:
+    """Save a model whose parameters are FSDP2 DTensor shards; every rank must call this.
+
+    Each adapter tensor (trainable, frozen, modules_to_save) is gathered to a full
+    tensor in the same order on every rank (the adapter is small, the base is never
+    gathered), rank 0 writes the usual export, and every rank waits for it.
+    """
+    state_dict = {
+        name: _full(tensor).detach()
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+        if "lora_" in name or tensor.requires_grad
+    }
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    save_balora_adapter(
+        model, save_directory, state_dict=state_dict,
+        is_main_process=not distributed or torch.distributed.get_rank() == 0,
+    )
+    if distributed:
+        torch.distributed.barrier()
+
+
+def is_balora_model(model: Any) -> bool:
+    return hasattr(model, "balora_init_method")
+
+
 def install_standard_save(model: PeftModel) -> None:
     """Make `model.save_pretrained` (used by Trainer, Axolotl, signal handlers) write the export."""
 
