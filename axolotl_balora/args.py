@@ -134,6 +134,20 @@ def _check_zero3_save(data: dict[str, Any]) -> None:
     )
 
 
+def _check_fsdp_loading(data: dict[str, Any]) -> None:
+    """Refuse FSDP's rank-0-only loading until the frozen factors survive it."""
+    fsdp = data.get("fsdp_config") or {}
+    if not isinstance(fsdp, dict):
+        return
+    for key in ("cpu_ram_efficient_loading", "fsdp_cpu_ram_efficient_loading"):
+        if fsdp.get(key):
+            raise ValueError(
+                f"fsdp_config.{key}: true is not supported with adapter: {ADAPTER_NAME} yet (axolotl's "
+                f"FSDP2 loader turns BA-LoRA's frozen factors, which are buffers, into trainable "
+                f"parameters, and gradient clipping then fails); set fsdp_config.{key}: false"
+            )
+
+
 class BALoRAArgs(BaseModel):
     """BA-LoRA options (see README for each key's meaning).
 
@@ -165,6 +179,7 @@ class BALoRAArgs(BaseModel):
             _check_compatibility(data)
             _check_sequence_splitting(data)
             _check_zero3_save(data)
+            _check_fsdp_loading(data)
         return data
 
     @model_validator(mode="after")

@@ -7,37 +7,78 @@ over gloo; the only change is the test-only patch in tests/cpu_distributed
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
+import safetensors.torch
 import torch
 
-from axolotl_cli import base_config, run_axolotl_on_cpu_ranks
+from axolotl_cli import base_config, run_axolotl_on_cpu_ranks, training_logs
 from probe_checks import FLOAT32, PROBE, assert_factors_match_unsharded, assert_saved_adapters_reproduce_the_run, ok
 
 pytestmark = pytest.mark.slow
 
-FSDP2 = {
-    "fsdp_version": 2,
-    "fsdp_config": {
-        "offload_params": False,
-        "state_dict_type": "FULL_STATE_DICT",
-        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-        "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
-        "reshard_after_forward": True,
-    },
-}
+# Same batches, same optimizer state, float32: measured 0.0 for both state dict types.
+RESUME_TOLERANCE = 1e-5
 
 
-def test_fsdp2_final_adapter_is_the_standard_export(tiny_llama_dir, tiny_dataset, tmp_path):
-    """Axolotl saves the final FSDP2 adapter itself; it must be the rank-2r export too."""
+def fsdp2_config(state_dict_type: str) -> dict:
+    return {
+        "fsdp_version": 2,
+        "fsdp_config": {
+            "offload_params": False,
+            "state_dict_type": state_dict_type,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+            "reshard_after_forward": True,
+        },
+    }
+
+
+def fsdp2_run(config: dict, workdir):
+    probe = workdir / "probe"
+    return run_axolotl_on_cpu_ranks(config, workdir, "fsdp", extra_env={"BALORA_PROBE_DIR": str(probe)})
+
+
+@pytest.fixture(scope="module", params=["FULL_STATE_DICT", "SHARDED_STATE_DICT"], ids=["full", "sharded"])
+def uninterrupted(request, tiny_llama_dir, tiny_dataset, tmp_path_factory):
+    """4 steps on 2 ranks in float32, checkpoints at steps 2 and 4."""
+    workdir = tmp_path_factory.mktemp(request.param.split("_")[0].lower())
     config = base_config(
-        tiny_llama_dir, tiny_dataset, tmp_path, plugins=["axolotl_balora.BALoRAPlugin", PROBE],
+        tiny_llama_dir, tiny_dataset, workdir, plugins=["axolotl_balora.BALoRAPlugin", PROBE],
         balora_init="pissa", gradient_accumulation_steps=1, save_strategy="steps", save_steps=2,
-        **FSDP2, **FLOAT32,
+        **fsdp2_config(request.param), **FLOAT32,
     )
-    result = run_axolotl_on_cpu_ranks(config, tmp_path, "fsdp", extra_env={"BALORA_PROBE_DIR": str(tmp_path / "probe")})
-    text = ok(result)
-    begin = torch.load(tmp_path / "probe" / "logits_begin.pt")
+    text = ok(fsdp2_run(config, workdir))
+    return {"config": config, "workdir": workdir, "text": text, "state_dict_type": request.param}
+
+
+def test_fsdp2_final_adapter_is_the_standard_export(uninterrupted, tiny_llama_dir, tmp_path):
+    """Axolotl saves the final FSDP2 adapter itself; it must be the rank-2r export too."""
+    workdir = uninterrupted["workdir"]
+    begin = torch.load(workdir / "probe" / "logits_begin.pt")
     assert begin["engine"].startswith("FSDP") and begin["dtypes"] == ["torch.float32"]
-    assert_factors_match_unsharded(tmp_path / "probe", tiny_llama_dir, tmp_path / "out" / "balora_state", exact=True)
-    assert_saved_adapters_reproduce_the_run(tmp_path, tiny_llama_dir, tmp_path, lora_r=config["lora_r"])
-    assert "saving the FSDP2 final adapter" in text
+    assert_factors_match_unsharded(workdir / "probe", tiny_llama_dir, workdir / "out" / "balora_state", exact=True)
+    if uninterrupted["state_dict_type"] == "FULL_STATE_DICT":
+        assert_saved_adapters_reproduce_the_run(workdir, tiny_llama_dir, tmp_path,
+                                                lora_r=uninterrupted["config"]["lora_r"])
+    else:  # sharded checkpoints hold DCP shards only (docs/compatibility.md); the final adapter is whole
+        assert (workdir / "out" / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()
+        assert_saved_adapters_reproduce_the_run(workdir, tiny_llama_dir, tmp_path,
+                                                lora_r=uninterrupted["config"]["lora_r"], checkpoints=False)
+    assert "saving the FSDP2 final adapter" in uninterrupted["text"]
+
+
+def test_fsdp2_resumed_run_ends_with_the_uninterrupted_adapter(uninterrupted, tmp_path):
+    source = uninterrupted["workdir"] / "out"
+    output = tmp_path / "out"
+    output.mkdir(parents=True)
+    shutil.copytree(source / "checkpoint-2", output / "checkpoint-2")
+    config = {**uninterrupted["config"], "output_dir": str(output),
+              "resume_from_checkpoint": str(output / "checkpoint-2")}
+    logs = training_logs(ok(fsdp2_run(config, tmp_path)))
+    assert len(logs) == 2  # steps 3 and 4 only
+    expected = safetensors.torch.load_file(source / "adapter_model.safetensors")
+    got = safetensors.torch.load_file(output / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= RESUME_TOLERANCE

@@ -101,7 +101,7 @@ def test_axolotl_torchrun_two_ranks_matches_one_process(tiny_llama_dir, tiny_dat
 def test_fsdp2_fully_shard_reference_and_gradients(tmp_path):
     """FSDP2 (torch fully_shard over gloo, 2 CPU ranks): exact reference, same loss and grads.
 
-    Axolotl's FSDP paths need CUDA, so the core is exercised under torch's own FSDP2.
+    The core under torch's own FSDP2; axolotl's FSDP2 path is tested in test_fsdp2.py.
     """
     out = tmp_path / "fsdp2.json"
     _run_worker(FSDP2_WORKER, ["--out", str(out)], processes=2)

@@ -138,3 +138,15 @@ def test_zero3_without_the_16bit_gather_is_refused(make_config, tmp_path, zero, 
             _validate(cfg)
     else:
         _validate(cfg)
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_fsdp_cpu_ram_efficient_loading_is_refused(make_config, value):
+    """Axolotl's FSDP2 loader would turn the frozen factors into trainable parameters."""
+    cfg = make_config(fsdp_version=2, fsdp_config={"cpu_ram_efficient_loading": value,
+                                                   "state_dict_type": "FULL_STATE_DICT"})
+    if value:
+        with pytest.raises(ValueError, match="cpu_ram_efficient_loading: true is not supported"):
+            _validate(cfg)
+    else:
+        _validate(cfg)

@@ -8,7 +8,9 @@ is refused before any weight is touched.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import safetensors.torch
@@ -59,6 +61,37 @@ def check_compatible(model: PeftModel, state_dir: Path) -> None:
         )
 
 
+@contextlib.contextmanager
+def _full_tensors_load_into_shards(model: PeftModel) -> Iterator[None]:
+    """Let `load_state_dict` copy full (saved) tensors into FSDP2 DTensor parameters.
+
+    The Trainer resumes an FSDP run after wrapping the model, when each adapter
+    parameter is a DTensor shard; copying a plain tensor into one fails. A pre-hook
+    on the root turns each full tensor into a DTensor of its target's layout, sliced
+    locally (every rank read the same file, so nothing needs to be sent).
+    """
+    targets = {name: tensor for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+               if type(tensor).__name__ == "DTensor"}
+    if not targets:
+        yield
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    def to_shards(module, state_dict, prefix, *args) -> None:
+        for key, value in state_dict.items():
+            target = targets.get(key)
+            if target is not None and type(value).__name__ != "DTensor":
+                state_dict[key] = distribute_tensor(
+                    value.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None
+                )
+
+    handle = model.register_load_state_dict_pre_hook(to_shards)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def load_training_state(model: PeftModel, state_dir: Path) -> None:
     """Load the trainable and frozen factors saved under `state_dir` into `model`."""
     check_compatible(model, state_dir)
@@ -67,7 +100,8 @@ def load_training_state(model: PeftModel, state_dir: Path) -> None:
         folders[FROZEN_ADAPTER] = state_dir / FROZEN_ADAPTER
     for adapter, folder in folders.items():
         weights = safetensors.torch.load_file(folder / ADAPTER_WEIGHTS)
-        result = set_peft_model_state_dict(model, weights, adapter_name=adapter)
+        with _full_tensors_load_into_shards(model):
+            result = set_peft_model_state_dict(model, weights, adapter_name=adapter)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(
                 f"BA-LoRA: unexpected weights in {folder}: {result.unexpected_keys[:5]}"
