@@ -164,6 +164,7 @@ class BALoRAArgs(BaseModel):
     balora_svd_top_k: int | None = None
     balora_svd_norm: str | None = None
     balora_init: str | None = None
+    balora_init_cache: str | bool | None = None
     balora_lambda_schedule: str | None = None
     balora_chunk_size: int | None = None
     balora_task: str | None = None

@@ -92,8 +92,10 @@ class BALoRAPlugin(BasePlugin):
         if not _is_balora(cfg) or inference or config_only or cfg.lora_model_dir:
             return None
         _, lora_config = load_lora(model, cfg, config_only=True)
-        LOG.info("BA-LoRA: building adapter (init=%s, r=%s)", cfg.balora_init, cfg.lora_r)
-        peft_model = apply_balora(model, lora_config, init=cfg.balora_init)
+        cache = config_from_mapping(dict(cfg)).init_cache_dir()
+        LOG.info("BA-LoRA: building adapter (init=%s, r=%s, factor cache: %s)", cfg.balora_init, cfg.lora_r,
+                 cache or "off")
+        peft_model = apply_balora(model, lora_config, init=cfg.balora_init, init_cache=cache)
         peft_model.print_trainable_parameters()
         return peft_model, lora_config
 

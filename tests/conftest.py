@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from tiny_assets import arithmetic_records, build_tiny_llama, write_jsonl
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# The plugin caches PiSSA factors by default; tests (and their subprocesses) never touch ~/.cache.
+os.environ.setdefault("BALORA_INIT_CACHE_DIR", tempfile.mkdtemp(prefix="balora-init-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -67,6 +67,27 @@ def test_fsdp2_final_adapter_is_the_standard_export(uninterrupted, tiny_llama_di
         assert_saved_adapters_reproduce_the_run(workdir, tiny_llama_dir, tmp_path,
                                                 lora_r=uninterrupted["config"]["lora_r"], checkpoints=False)
     assert "saving the FSDP2 final adapter" in uninterrupted["text"]
+    for rank in (0, 1):  # the ranks split the 14 target layers and share the factors
+        assert f"rank {rank} of 2 decomposed 7 of 14 layers" in uninterrupted["text"]
+
+
+def test_fsdp2_second_run_loads_the_factors_from_the_cache(tiny_llama_dir, tiny_dataset, tmp_path):
+    cache = tmp_path / "cache"
+    runs = []
+    for name in ("first", "second"):
+        workdir = tmp_path / name
+        config = base_config(
+            tiny_llama_dir, tiny_dataset, workdir, plugins=["axolotl_balora.BALoRAPlugin", PROBE],
+            balora_init="pissa_niter_4", balora_init_cache=str(cache), max_steps=1,
+            **fsdp2_config("FULL_STATE_DICT"), **FLOAT32,
+        )
+        runs.append(ok(fsdp2_run(config, workdir)))
+    assert "(0 from the cache" in runs[0] and "(7 from the cache" not in runs[0]
+    assert runs[1].count("decomposed 7 of 14 layers (7 from the cache") == 2  # both ranks
+    assert len(list(cache.glob("*.safetensors"))) == 14
+    first, second = (safetensors.torch.load_file(tmp_path / name / "probe" / "factors_rank1.safetensors")
+                     for name in ("first", "second"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_fsdp2_resumed_run_ends_with_the_uninterrupted_adapter(uninterrupted, tmp_path):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from .pissa_factors import default_cache_dir
+
 INIT_CHOICES = ("pissa", "pissa_niter_<N>", "gaussian")
 SCHEDULE_CHOICES = ("paper", "constant")
 SVD_NORM_CHOICES = ("frobenius", "nuclear")
@@ -61,6 +63,7 @@ class BALoRAConfig:
     svd_top_k: int = 10
     svd_norm: str = "frobenius"
     init: str = "pissa"
+    init_cache: str | bool = "auto"  # YAML reads a bare off / on as false / true
     lambda_schedule: str = "paper"
     chunk_size: int = 256
     task: str = "auto"
@@ -123,6 +126,18 @@ class BALoRAConfig:
             "*ForSequenceClassification model, else causal_lm)",
         )
         parse_init(self.init)
+        _check(
+            isinstance(self.init_cache, bool) or (isinstance(self.init_cache, str) and self.init_cache.strip()),
+            "balora_init_cache",
+            self.init_cache,
+            "use auto (the default folder), off, or a folder path",
+        )
+
+    def init_cache_dir(self) -> str | None:
+        """The PiSSA factor cache folder this config asks for (None: off)."""
+        if self.init_cache in (False, "off"):
+            return None
+        return str(default_cache_dir()) if self.init_cache in (True, "auto") else self.init_cache
 
     @property
     def regularized(self) -> bool:

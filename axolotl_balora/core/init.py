@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -23,12 +24,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .adapters import FROZEN_ADAPTER, TRAINABLE_ADAPTER
 from .classification import is_sequence_classifier
 from .config import parse_init
 from .export import install_standard_save
+from .pissa_factors import FactorCache, balanced_owners, compute_device, share_from_owners, world
 
 LOG = logging.getLogger(__name__)
 
@@ -129,35 +132,68 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
 
 
-def attach_frozen_factors(model: PeftModel, lora_config: LoraConfig, niter: int | None) -> None:
-    """Set the trainable adapter to (B0, A0) and add the frozen (A0, -B0) adapter."""
+def _layer_factors(layer: LoraLayer, niter: int | None, cache: FactorCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B0, A0) of one layer: from the cache, else decomposed on the accelerator (and cached)."""
+    weight = base_weight_for_init(layer)
+    rank, scaling = layer.r[TRAINABLE_ADAPTER], layer.scaling[TRAINABLE_ADAPTER]
+    key = cache.key(weight, rank, scaling, niter) if cache is not None else None
+    if cache is not None and (cached := cache.load(key)) is not None:
+        return cached
+    b0, a0 = principal_factors(weight.to(compute_device(weight)), rank=rank, scaling=scaling, niter=niter)
+    if cache is not None:
+        cache.store(key, b0, a0)
+    return b0, a0
+
+
+def _install_factors(layer: LoraLayer, b0: torch.Tensor, a0: torch.Tensor) -> None:
+    """Trainable adapter := (B0, A0); frozen adapter := (A0, -B0) as buffers, active together."""
+    lora_a = layer.lora_A[TRAINABLE_ADAPTER]
+    lora_b = layer.lora_B[TRAINABLE_ADAPTER]
+    with torch.no_grad():
+        lora_a.weight.copy_(a0.to(lora_a.weight.device, lora_a.weight.dtype))
+        lora_b.weight.copy_(b0.to(lora_b.weight.device, lora_b.weight.dtype))
+    # Copy after the cast so the frozen pair cancels the trainable one bit for bit.
+    _as_buffer(layer.lora_A[FROZEN_ADAPTER], lora_a.weight.detach().clone())
+    _as_buffer(layer.lora_B[FROZEN_ADAPTER], -lora_b.weight.detach().clone())
+    layer.set_adapter([TRAINABLE_ADAPTER, FROZEN_ADAPTER])
+    layer.register_forward_pre_hook(_frozen_follow_trainable_dtype)
+
+
+def attach_frozen_factors(model: PeftModel, lora_config: LoraConfig, niter: int | None,
+                          cache: FactorCache | None = None) -> None:
+    """Set the trainable adapter to (B0, A0) and add the frozen (A0, -B0) adapter.
+
+    Under torch.distributed the ranks split the layers and share the factors
+    (`pissa_factors`), except under ZeRO-3, where gathering a weight is collective.
+    """
     frozen_config = replace(
         lora_config, lora_dropout=0.0, init_lora_weights=True, modules_to_save=None
     )
     model.add_adapter(FROZEN_ADAPTER, frozen_config)
-    layers = lora_layers(model)
-    for index, (name, layer) in enumerate(layers, start=1):
-        if TRAINABLE_ADAPTER not in layer.lora_A:
-            continue
-        lora_a = layer.lora_A[TRAINABLE_ADAPTER]
-        lora_b = layer.lora_B[TRAINABLE_ADAPTER]
+    layers = [layer for _, layer in lora_layers(model) if TRAINABLE_ADAPTER in layer.lora_A]
+    rank, size = world()
+    partitioned = any(hasattr(layer.get_base_layer().weight, "ds_shape") for layer in layers)
+    split = size > 1 and not partitioned
+    costs = [layer.in_features * layer.out_features for layer in layers]
+    owners = balanced_owners(costs, size) if split else [rank] * len(layers)
+    progress = tqdm(total=owners.count(rank), desc="BA-LoRA PiSSA init", unit="layer", disable=rank != 0)
+    factors: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    for layer, owner in zip(layers, owners):
         with gathered_base_weight(layer):
-            b0, a0 = principal_factors(
-                base_weight_for_init(layer),
-                rank=layer.r[TRAINABLE_ADAPTER],
-                scaling=layer.scaling[TRAINABLE_ADAPTER],
-                niter=niter,
-            )
-        with torch.no_grad():
-            lora_a.weight.copy_(a0.to(lora_a.weight.dtype))
-            lora_b.weight.copy_(b0.to(lora_b.weight.dtype))
-        # Copy after the cast so the frozen pair cancels the trainable one bit for bit.
-        _as_buffer(layer.lora_A[FROZEN_ADAPTER], lora_a.weight.detach().clone())
-        _as_buffer(layer.lora_B[FROZEN_ADAPTER], -lora_b.weight.detach().clone())
-        layer.set_adapter([TRAINABLE_ADAPTER, FROZEN_ADAPTER])
-        layer.register_forward_pre_hook(_frozen_follow_trainable_dtype)
-        if index % 50 == 0 or index == len(layers):
-            LOG.info("BA-LoRA PiSSA init: %d/%d layers (%s)", index, len(layers), name)
+            factors.append(_layer_factors(layer, niter, cache) if owner == rank else None)
+        progress.update(owner == rank)
+    progress.close()
+    if split:
+        shapes = [(tuple(layer.lora_B[TRAINABLE_ADAPTER].weight.shape),
+                   tuple(layer.lora_A[TRAINABLE_ADAPTER].weight.shape)) for layer in layers]
+        factors = share_from_owners(factors, shapes, owners)
+    for layer, (b0, a0) in zip(layers, factors):
+        _install_factors(layer, b0, a0)
+    LOG.info(
+        "BA-LoRA PiSSA init: rank %d of %d decomposed %d of %d layers%s", rank, size,
+        owners.count(rank), len(layers),
+        "" if cache is None else f" ({cache.hits} from the cache in {cache.directory})",
+    )
     # Adding an adapter re-freezes every non-LoRA tensor, modules_to_save copies included.
     for module in model.modules():
         if isinstance(module, AuxiliaryTrainingWrapper):
@@ -187,12 +223,14 @@ def activate_balora_adapters(model: nn.Module) -> None:
             layer.set_adapter([TRAINABLE_ADAPTER, FROZEN_ADAPTER])
 
 
-def apply_balora(model: nn.Module, lora_config: LoraConfig, init: str = "pissa") -> PeftModel:
+def apply_balora(model: nn.Module, lora_config: LoraConfig, init: str = "pissa",
+                 init_cache: str | os.PathLike | None = None) -> PeftModel:
     """Wrap `model` with a BA-LoRA adapter described by a standard LoraConfig.
 
     The returned PeftModel, with adapters disabled, is the pre-trained model
     exactly; at step 0 with adapters enabled (and dropout off) it equals it up
-    to float rounding.
+    to float rounding. `init_cache` is a folder that keeps the PiSSA factors
+    for the next run on the same base (None: no cache).
     """
     method, niter = parse_init(init)
     if lora_config.use_dora:
@@ -205,7 +243,8 @@ def apply_balora(model: nn.Module, lora_config: LoraConfig, init: str = "pissa")
     peft_model = get_peft_model(model, config)
     if method == "pissa":
         LOG.info("BA-LoRA: computing PiSSA factors (%s) in float32", init)
-        attach_frozen_factors(peft_model, config, niter)
+        cache = FactorCache(init_cache) if init_cache is not None else None
+        attach_frozen_factors(peft_model, config, niter, cache)
     peft_model.balora_init_method = init
     install_standard_save(peft_model)
     return peft_model
