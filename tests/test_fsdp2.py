@@ -68,7 +68,7 @@ def test_fsdp2_final_adapter_is_the_standard_export(uninterrupted, tiny_llama_di
                                                 lora_r=uninterrupted["config"]["lora_r"], checkpoints=False)
     assert "saving the FSDP2 final adapter" in uninterrupted["text"]
     for rank in (0, 1):  # the ranks split the 14 target layers and share the factors
-        assert f"rank {rank} of 2 decomposed 7 of 14 layers" in uninterrupted["text"]
+        assert f"rank {rank} of 2 took 7 of 14 layers" in uninterrupted["text"]
 
 
 def test_fsdp2_second_run_loads_the_factors_from_the_cache(tiny_llama_dir, tiny_dataset, tmp_path):
@@ -83,7 +83,7 @@ def test_fsdp2_second_run_loads_the_factors_from_the_cache(tiny_llama_dir, tiny_
         )
         runs.append(ok(fsdp2_run(config, workdir)))
     assert "(0 from the cache" in runs[0] and "(7 from the cache" not in runs[0]
-    assert runs[1].count("decomposed 7 of 14 layers (7 from the cache") == 2  # both ranks
+    assert runs[1].count("took 7 of 14 layers (7 from the cache") == 2  # both ranks
     assert len(list(cache.glob("*.safetensors"))) == 14
     first, second = (safetensors.torch.load_file(tmp_path / name / "probe" / "factors_rank1.safetensors")
                      for name in ("first", "second"))

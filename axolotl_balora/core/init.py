@@ -190,7 +190,7 @@ def attach_frozen_factors(model: PeftModel, lora_config: LoraConfig, niter: int 
     for layer, (b0, a0) in zip(layers, factors):
         _install_factors(layer, b0, a0)
     LOG.info(
-        "BA-LoRA PiSSA init: rank %d of %d decomposed %d of %d layers%s", rank, size,
+        "BA-LoRA PiSSA init: rank %d of %d took %d of %d layers%s", rank, size,
         owners.count(rank), len(layers),
         "" if cache is None else f" ({cache.hits} from the cache in {cache.directory})",
     )
