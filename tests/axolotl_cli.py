@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ sys.path.insert(0, str(REPO_ROOT / "ci"))
 from demo_summary import training_logs  # noqa: E402  (re-exported for the tests)
 
 __all__ = ["base_config", "free_port", "run_axolotl", "run_axolotl_on_cpu_ranks", "run_axolotl_train",
-           "training_logs"]
+           "resume_after_step2", "training_logs"]
 
 # The test-only patch that lets accelerate/axolotl run DeepSpeed and FSDP2 on CPU ranks.
 CPU_DISTRIBUTED_DIR = Path(__file__).with_name("cpu_distributed")
@@ -69,6 +70,20 @@ def base_config(model_dir: Path, dataset: Path, workdir: Path, **overrides: Any)
 def run_axolotl_train(config: dict[str, Any], workdir: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     """`axolotl train config.yml --launcher python` with the venv's bin first on PATH."""
     return run_axolotl("train", config, workdir, ["--launcher", "python"], timeout=timeout)
+
+
+def resume_after_step2(config: dict[str, Any], source_output: Path, workdir: Path,
+                       **overrides: Any) -> tuple[dict[str, Any], Path]:
+    """(config, output_dir) of a run interrupted right after its step-2 checkpoint, set to resume.
+
+    Only `checkpoint-2/` of `source_output` is copied into a fresh `workdir/out`.
+    """
+    output = workdir / "out"
+    output.mkdir(parents=True)
+    shutil.copytree(source_output / "checkpoint-2", output / "checkpoint-2")
+    resumed = {**config, "output_dir": str(output), "resume_from_checkpoint": str(output / "checkpoint-2"),
+               **overrides}
+    return resumed, output
 
 
 def free_port() -> int:

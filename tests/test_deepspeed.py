@@ -11,14 +11,19 @@ model and with vanilla PEFT loading what the run saved.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 
-from axolotl_cli import base_config, run_axolotl_on_cpu_ranks, run_axolotl_train, training_logs
+from axolotl_cli import (
+    base_config,
+    resume_after_step2,
+    run_axolotl_on_cpu_ranks,
+    run_axolotl_train,
+    training_logs,
+)
 from probe_checks import (
     FLOAT32,
     PROBE,
@@ -106,13 +111,8 @@ def test_logged_terms_are_the_mean_over_ranks(uninterrupted, single_process_logs
 
 
 def _resume(uninterrupted, tmp_path: Path, **overrides):
-    source = uninterrupted["workdir"] / "out" / "checkpoint-2"
-    output = tmp_path / "out"
-    output.mkdir(parents=True)
-    # What a run interrupted right after its step-2 checkpoint leaves behind.
-    shutil.copytree(source, output / "checkpoint-2")
-    config = {**uninterrupted["config"], "output_dir": str(output),
-              "resume_from_checkpoint": str(output / "checkpoint-2"), **overrides}
+    config, output = resume_after_step2(uninterrupted["config"], uninterrupted["workdir"] / "out", tmp_path,
+                                        **overrides)
     result, _ = deepspeed_run(config, tmp_path)
     return result, output
 

@@ -7,13 +7,11 @@ over gloo; the only change is the test-only patch in tests/cpu_distributed
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import safetensors.torch
 import torch
 
-from axolotl_cli import base_config, run_axolotl_on_cpu_ranks, training_logs
+from axolotl_cli import base_config, resume_after_step2, run_axolotl_on_cpu_ranks, training_logs
 from probe_checks import FLOAT32, PROBE, assert_factors_match_unsharded, assert_saved_adapters_reproduce_the_run, ok
 
 pytestmark = pytest.mark.slow
@@ -92,11 +90,7 @@ def test_fsdp2_second_run_loads_the_factors_from_the_cache(tiny_llama_dir, tiny_
 
 def test_fsdp2_resumed_run_ends_with_the_uninterrupted_adapter(uninterrupted, tmp_path):
     source = uninterrupted["workdir"] / "out"
-    output = tmp_path / "out"
-    output.mkdir(parents=True)
-    shutil.copytree(source / "checkpoint-2", output / "checkpoint-2")
-    config = {**uninterrupted["config"], "output_dir": str(output),
-              "resume_from_checkpoint": str(output / "checkpoint-2")}
+    config, output = resume_after_step2(uninterrupted["config"], source, tmp_path)
     logs = training_logs(ok(fsdp2_run(config, tmp_path)))
     assert len(logs) == 2  # steps 3 and 4 only
     expected = safetensors.torch.load_file(source / "adapter_model.safetensors")

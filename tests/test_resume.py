@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import safetensors.torch
 
-from axolotl_cli import base_config, run_axolotl_train, training_logs
+from axolotl_cli import base_config, resume_after_step2, run_axolotl_train, training_logs
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +27,7 @@ def uninterrupted(tiny_llama_dir, tiny_dataset, tmp_path_factory):
 
 def _resume(uninterrupted, tmp_path, **overrides):
     config, workdir, _ = uninterrupted
-    output = tmp_path / "out"
-    output.mkdir(parents=True)
-    # The state a run interrupted right after its step-2 checkpoint leaves behind.
-    shutil.copytree(workdir / "out" / "checkpoint-2", output / "checkpoint-2")
-    resumed = {**config, "output_dir": str(output),
-               "resume_from_checkpoint": str(output / "checkpoint-2"), **overrides}
+    resumed, output = resume_after_step2(config, workdir / "out", tmp_path, **overrides)
     return run_axolotl_train(resumed, tmp_path), output
 
 
