@@ -21,10 +21,16 @@ TOLERANCE = 1e-4
         ("pissa", {}),
         ("pissa", {"use_rslora": True}),
         ("pissa_niter_2", {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 3}}),
+        # A rank key and an alpha key that overlap: rebuilding one dict from the union of
+        # both keys would hand layer 0's q_proj another entry's rank or alpha.
+        ("pissa", {"rank_pattern": {"layers.0.self_attn.q_proj": 2}, "alpha_pattern": {"q_proj": 16}}),
+        ("pissa", {"rank_pattern": {r"layers\.1\.mlp\.(up|down)_proj": 2}, "alpha_pattern": {r".*\.v_proj": 4},
+                   "use_rslora": True}),
         ("gaussian", {}),
         ("pissa", {"modules_to_save": ["lm_head"]}),
     ],
-    ids=["pissa", "pissa-rslora", "niter-patterns", "gaussian", "modules-to-save"],
+    ids=["pissa", "pissa-rslora", "niter-patterns", "overlapping-patterns", "regex-patterns-rslora",
+         "gaussian", "modules-to-save"],
 )
 def test_vanilla_peft_reproduces_trained_model(tmp_path, init, lora_kwargs):
     base = tiny_llama()

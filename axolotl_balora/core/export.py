@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import tempfile
 import types
@@ -22,6 +23,7 @@ from typing import Any
 import safetensors.torch
 import torch
 from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
 from .adapters import (
@@ -34,30 +36,44 @@ from .adapters import (
 from .checkpoint import write_metadata
 
 
-
 def _scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-def doubled_rank_config(config: LoraConfig) -> LoraConfig:
-    """LoraConfig of rank 2r with, module by module, the same scaling as `config`.
+def trained_module_scalings(model: PeftModel) -> dict[str, tuple[int, float]]:
+    """{module name in the base model: (rank, scaling)} of the trainable adapter, as trained.
 
-    rsLoRA and rank/alpha patterns are folded into plain alpha values, so the
-    exported config needs no BA-LoRA or rsLoRA knowledge to reproduce the delta.
+    Read from the LoRA layers themselves, so whatever PEFT resolved from the
+    rank/alpha patterns (first matching key, regex keys, rsLoRA) is what is exported.
     """
-    pattern_keys = set(config.rank_pattern or {}) | set(config.alpha_pattern or {})
-    rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
-    for key in pattern_keys:
-        rank = (config.rank_pattern or {}).get(key, config.r)
-        alpha = (config.alpha_pattern or {}).get(key, config.lora_alpha)
-        rank_pattern[key] = 2 * rank
-        alpha_pattern[key] = 2 * rank * _scaling(alpha, rank, config.use_rslora)
+    return {
+        name: (module.r[TRAINABLE_ADAPTER], module.scaling[TRAINABLE_ADAPTER])
+        for name, module in model.get_base_model().named_modules()
+        if isinstance(module, LoraLayer) and TRAINABLE_ADAPTER in module.r
+    }
+
+
+def doubled_rank_config(config: LoraConfig, scalings: dict[str, tuple[int, float]]) -> LoraConfig:
+    """LoraConfig of rank 2r with, module by module, the scaling each module trained with.
+
+    The rank pattern keeps the user's keys (doubled values), so PEFT resolves
+    every module's rank exactly as in training. Alphas are per module: a module
+    whose exported alpha (2 r_m * scaling_m) differs from the default gets its
+    own exact key (its escaped name), since PEFT matches pattern keys as regexes
+    in order and rebuilt or merged keys can pick another entry. rsLoRA is folded
+    into those values, so the config needs no BA-LoRA or rsLoRA knowledge.
+    """
+    default_alpha = 2 * config.r * _scaling(config.lora_alpha, config.r, config.use_rslora)
+    alpha_pattern = {
+        re.escape(name): 2 * rank * scaling
+        for name, (rank, scaling) in scalings.items()
+        if not math.isclose(2 * rank * scaling, default_alpha, rel_tol=1e-12)
+    }
     return replace(
         config,
         r=2 * config.r,
-        lora_alpha=2 * config.r * _scaling(config.lora_alpha, config.r, config.use_rslora),
-        rank_pattern=rank_pattern,
+        lora_alpha=default_alpha,
+        rank_pattern={key: 2 * rank for key, rank in (config.rank_pattern or {}).items()},
         alpha_pattern=alpha_pattern,
         use_rslora=False,
         init_lora_weights=True,
@@ -87,7 +103,7 @@ def standard_lora_export(
             weights[key] = torch.cat([value, frozen[key].to(value.dtype)], dim=1)
         else:
             weights[key] = value
-    return doubled_rank_config(config), weights
+    return doubled_rank_config(config, trained_module_scalings(model)), weights
 
 
 def _replace_dir(source: Path, target: Path) -> None:
