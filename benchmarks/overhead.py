@@ -159,12 +159,7 @@ def _balora_row(model: torch.nn.Module, init: str, output_dir: str, expected: st
     """apply_balora + BALoRATrainerMixin on a plain Trainer, as a user would write it."""
 
     def loss_path(trainer: BALoRATrainer) -> str:
-        if not trainer._balora_checked:
-            path = "model loss"
-        elif trainer._balora_fused_blocker is None:
-            path = f"fused (chunk {trainer.balora_config.chunk_size})"
-        else:
-            path = f"plain ({trainer._balora_fused_blocker})"
+        path = trainer.balora_loss_path
         if not path.startswith(expected):
             raise RuntimeError(f"expected the {expected} loss path, the trainer took: {path}")
         return path

@@ -104,10 +104,14 @@ def test_lm_head_factor_is_cached_and_follows_weight_changes():
     torch.testing.assert_close(second.abs(), 2.0 * first.abs())
 
 
-def _trainer(tmp_path, model, chunk_size):
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    config = BALoRAConfig(lambda_schedule="constant", chunk_size=chunk_size,
-                          lambda_consistency=0.5, lambda_diversity=0.3, lambda_svd=0.2)
+LAMBDAS = {"consistency": 0.5, "diversity": 0.3, "svd": 0.2}
+
+
+def _trainer(tmp_path, model, chunk_size, without=(), **args):
+    """A trainer with every term on, except those named in `without` (lambda 0)."""
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **args)
+    lambdas = {f"lambda_{name}": 0.0 if name in without else value for name, value in LAMBDAS.items()}
+    config = BALoRAConfig(lambda_schedule="constant", chunk_size=chunk_size, **lambdas)
     return BALoRATrainer(model=model, args=args, balora_config=config)
 
 
@@ -162,10 +166,48 @@ def test_adapted_or_trained_lm_head_falls_back_to_plain_path(tmp_path, lora_kwar
     assert trainer._balora_fused_blocker is not None and torch.isfinite(loss)
 
 
-def test_softcapped_logits_fall_back_to_plain_path():
+def test_a_head_transform_no_list_knows_is_caught_on_the_first_batch(tmp_path, caplog):
+    """Logits scaled after lm_head by something the fast list cannot know (a hook here, as
+    Granite's logits_scaling): the check on the real batch sends the loss to the plain path."""
+    model = _perturbed_model()
+    model.get_base_model().get_output_embeddings().register_forward_hook(lambda _m, _i, output: output / 8)
+    assert fused_path_blocker(model) is None
+    with caplog.at_level("WARNING", logger="axolotl_balora.core.trainer"):
+        loss, grads = _loss_and_grads(_trainer(tmp_path, model, chunk_size=7), model)
+    assert "differ from lm_head(final hidden states)" in caplog.text
+    plain_loss, plain_grads = _loss_and_grads(_trainer(tmp_path, model, chunk_size=0), model)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=0)
+    for name in plain_grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-5, atol=1e-8)
+
+
+def test_the_head_check_passes_a_plain_head_and_is_run_once(tmp_path, caplog):
+    model = _perturbed_model()
+    trainer = _trainer(tmp_path, model, chunk_size=7)
+    with caplog.at_level("INFO", logger="axolotl_balora.core.trainer"):
+        for _ in range(2):
+            _loss_and_grads(trainer, model)
+    assert caplog.text.count("checked against the model's own log-probabilities") == 1
+    assert trainer.balora_loss_path == "fused (chunk 7)"
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "reason"),
+    [("final_logit_softcapping", 30.0, "soft-caps"), ("logits_scaling", 8.0, "logits_scaling = 8.0"),
+     ("logit_scale", 0.0625, "logit_scale"), ("lm_head_multiplier", 0.5, "lm_head_multiplier")],
+)
+@pytest.mark.parametrize("nested", [False, True], ids=["top-level", "text_config"])
+def test_known_head_transforms_are_a_shortcut_to_the_plain_path(attribute, value, reason, nested):
+    """Multimodal configs (Gemma 3/4) keep these in a nested text_config."""
     model = apply_balora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    model.get_base_model().config.final_logit_softcapping = 30.0
-    assert "soft-caps" in fused_path_blocker(model)
+    config = model.get_base_model().config
+    if nested:
+        text_config = type(config)(**config.to_dict())
+        setattr(text_config, attribute, value)
+        config.get_text_config = lambda *args, **kwargs: text_config
+    else:
+        setattr(config, attribute, value)
+    assert reason in fused_path_blocker(model)
 
 
 def test_failed_svd_is_skipped_counted_and_task_loss_still_trains(tmp_path, monkeypatch):
@@ -183,6 +225,94 @@ def test_failed_svd_is_skipped_counted_and_task_loss_still_trains(tmp_path, monk
     assert logs["balora/skipped_svd"] == 1
     assert "balora/svd" not in logs
     assert logs["balora/consistency"] >= 0
+
+
+# -- a skipped term contributes exactly zero gradient -------------------------
+
+SCORED_ROW, SCORED_POSITION, MASKED_TOKEN = 0, 4, 5  # _batch(): row 0 scores positions 3..9
+
+
+def _adapters_disabled(model) -> bool:
+    return any(getattr(module, "disable_adapters", False) for module in model.modules()
+               if hasattr(module, "lora_A"))
+
+
+def _inf_in_the_reference(model):
+    """An overflow in the reference forward only: inf in one scored final hidden state."""
+
+    def hook(_module, _inputs, output):
+        if _adapters_disabled(model):
+            output = output.clone()
+            output[SCORED_ROW, SCORED_POSITION] = float("inf")
+            return output
+
+    return model.get_base_model().model.norm.register_forward_hook(hook)
+
+
+def _masked_token_in_the_logits(model):
+    """The model's own logits give one (never targeted) token -inf, as vocabulary masks do."""
+
+    def hook(_module, _inputs, output):
+        if not _adapters_disabled(model):
+            output = output.clone()
+            output[..., MASKED_TOKEN] = float("-inf")
+            return output
+
+    return model.get_base_model().get_output_embeddings().register_forward_hook(hook)
+
+
+def _nan_from_the_svd(model, monkeypatch):
+    original = torch.linalg.svdvals
+    monkeypatch.setattr(torch.linalg, "svdvals", lambda rows: original(rows) * float("nan"))
+
+
+@pytest.mark.parametrize("chunk_size", [7, 0], ids=["fused", "plain"])
+@pytest.mark.parametrize(
+    ("inject", "skipped"),
+    [("reference", {"consistency"}), ("logits", {"consistency", "svd"}), ("svd", {"svd"})],
+)
+def test_a_skipped_term_contributes_exactly_zero_gradient(tmp_path, monkeypatch, chunk_size, inject, skipped):
+    """Gradient with the faulty terms skipped == gradient with their lambdas at 0 (same fault)."""
+    results = []
+    for without in ((), tuple(skipped)):
+        model = _perturbed_model()
+        batch = _batch()
+        assert not (batch["labels"] == MASKED_TOKEN).any()
+        if inject == "reference":
+            _inf_in_the_reference(model)
+        elif inject == "logits":
+            _masked_token_in_the_logits(model)
+        else:
+            _nan_from_the_svd(model, monkeypatch)
+        trainer = _trainer(tmp_path, model, chunk_size=chunk_size, without=without)
+        results.append((*_loss_and_grads(trainer, model), trainer))
+    (loss, grads, trainer), (loss_without, grads_without, _) = results
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, loss_without, rtol=1e-6, atol=1e-7)
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad, grads_without[name], rtol=1e-5, atol=1e-8)
+    logs = trainer._balora_tally.reduce_and_reset(trainer.accelerator, trainer.args.device)
+    assert {name for name in LAMBDAS if logs.get(f"balora/skipped_{name}")} == skipped
+    if inject == "logits" and chunk_size:  # masked logits are not lm_head(hidden): the check sees it
+        assert "differ from lm_head" in trainer.balora_loss_path
+
+
+def test_training_goes_on_through_an_overflowing_reference(tmp_path):
+    model = _perturbed_model()
+    _inf_in_the_reference(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    data = [{key: value[row] for key, value in _batch().items()} for row in range(2)] * 2
+    trainer = _trainer(tmp_path, model, chunk_size=7, max_steps=3, per_device_train_batch_size=2,
+                       learning_rate=0.1, logging_steps=1, save_strategy="no")
+    trainer.train_dataset = data
+    history = trainer.train() and trainer.state.log_history
+    assert trainer.balora_loss_path.startswith("fused")
+    assert [entry["balora/skipped_consistency"] for entry in history if "loss" in entry] == [1, 1, 1]
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.isfinite(param).all(), name
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
 
 
 def test_half_precision_lm_head_matches_the_models_own_logits():

@@ -26,6 +26,7 @@ from peft import PeftModel
 from torch import nn
 
 from .losses import kl_rows, svd_ratio_rows
+from .model_inputs import replayed_random_state
 
 SEQUENCE_CLASSIFIER_SUFFIX = "ForSequenceClassification"
 # Attribute names of the classification head, tried in order: BERT, DeBERTa, RoBERTa
@@ -173,19 +174,12 @@ def reference_features(
 ) -> torch.Tensor:
     """Pooled features of the pre-trained model: every adapter disabled, no gradient.
 
-    The random state is forked and restored, so the training forward that
-    follows draws the same dropout masks as this one (exactly, with
-    lora_dropout 0: the LoRA dropout is then not called). The term then
-    measures what the adapters changed, not the difference between two dropout
-    draws, and is 0 at step 0 of a PiSSA run.
+    Run before the training forward with its random state replayed
+    (`replayed_random_state`), so both draw the same dropout masks and the
+    term is 0 at step 0 of a PiSSA run.
     """
-    cuda_devices = sorted(
-        {value.device for value in inputs.values()
-         if isinstance(value, torch.Tensor) and value.device.type == "cuda"},
-        key=str,
-    )
     with (
-        torch.random.fork_rng(devices=cuda_devices),
+        replayed_random_state(inputs),
         torch.no_grad(),
         peft_model.disable_adapter(),
         recorded_pooled_features(peft_model, inputs) as recorded,

@@ -93,10 +93,16 @@ def _chunk_sums_and_grads(
 
 
 class _FusedLosses(torch.autograd.Function):
-    """Returns the three sums; keeps only per-term [rows, hidden] gradients for backward."""
+    """Returns the three sums; keeps only per-term [rows, hidden] gradients for backward.
+
+    A sum left out of the loss (a skipped term, a scheduled lambda of 0) gets
+    no incoming gradient (None, not zeros): its saved gradient is never
+    touched, so a NaN in it (say, an overflowed reference) cannot leak in as 0 * NaN.
+    """
 
     @staticmethod
     def forward(ctx, rows, ref_rows, targets, weight, temperature, top_k, chunk_size):
+        ctx.set_materialize_grads(False)
         sums = [rows.new_zeros((), dtype=torch.float32) for _ in range(3)]
         grads = [torch.zeros(rows.shape, dtype=torch.float32, device=rows.device) for _ in range(3)]
         for start in range(0, rows.shape[0], chunk_size):
@@ -118,12 +124,15 @@ class _FusedLosses(torch.autograd.Function):
         return tuple(sums)
 
     @staticmethod
-    def backward(ctx, grad_ce, grad_kl, grad_neg_entropy):
-        grad_ce_rows, grad_kl_rows, grad_entropy_rows = ctx.saved_tensors
-        grad_rows = (
-            grad_ce * grad_ce_rows + grad_kl * grad_kl_rows + grad_neg_entropy * grad_entropy_rows
-        )
-        return grad_rows.to(ctx.input_dtype), None, None, None, None, None, None
+    def backward(ctx, *incoming):
+        grad_rows = None
+        for grad_sum, grad_of_rows in zip(incoming, ctx.saved_tensors):
+            if grad_sum is not None:
+                term = grad_sum * grad_of_rows
+                grad_rows = term if grad_rows is None else grad_rows + term
+        if grad_rows is not None:
+            grad_rows = grad_rows.to(ctx.input_dtype)
+        return grad_rows, None, None, None, None, None, None
 
 
 def fused_sums(

@@ -17,8 +17,19 @@ from peft import PeftModel
 from torch import nn
 
 
+# Config attributes by which known models scale around the output layer: Granite
+# divides the logits by `logits_scaling`, Cohere multiplies them by `logit_scale`,
+# FalconH1 by `lm_head_multiplier`; MiniCPM3 divides the hidden states by its
+# `logits_scaling` (hidden_size / dim_model_base) before the head.
+LOGIT_SCALE_ATTRIBUTES = ("logits_scaling", "logit_scale", "lm_head_multiplier")
+
+
 def fused_path_blocker(model: PeftModel) -> str | None:
-    """Why the chunked loss would not equal the model's own logits (None: it does)."""
+    """Known reasons the chunked loss would not equal the model's own logits (None: none known).
+
+    A shortcut only: `head_check.check_fused_head` compares the two on the
+    real batch before the first fused step and catches what this list misses.
+    """
     base = model.get_base_model()
     lm_head = base.get_output_embeddings()
     if type(lm_head) is not nn.Linear:
@@ -32,8 +43,12 @@ def fused_path_blocker(model: PeftModel) -> str | None:
         return "the output layer's weight is trained"
     if hasattr(lm_head.weight, "ds_id") or type(lm_head.weight).__name__ == "DTensor":
         return "the output layer's weight is sharded (DeepSpeed ZeRO-3 / FSDP2) outside its forward"
-    if getattr(base.config, "final_logit_softcapping", None):
-        return "the model soft-caps its final logits"
+    for config in (base.config, base.config.get_text_config()):
+        if getattr(config, "final_logit_softcapping", None):
+            return "the model soft-caps its final logits"
+        for name in LOGIT_SCALE_ATTRIBUTES:
+            if getattr(config, name, 1) not in (None, 1, 1.0):
+                return f"the model scales its logits or final hidden states ({name} = {getattr(config, name)})"
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return f"{type(base).__name__}.forward has no logits_to_keep argument"
     if base.get_decoder() is None:

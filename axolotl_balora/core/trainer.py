@@ -28,11 +28,12 @@ from .adapters import TRAINING_STATE_DIR
 from .checkpoint import check_compatible, load_training_state
 from .classification import recorded_pooled_features, reference_features, uses_classification_form
 from .init import activate_balora_adapters, check_frozen_factors_active
-from .losses import IGNORE_INDEX
 from .fused import LmHeadFactor
+from .head_check import check_fused_head
 from .hidden_states import final_hidden_states, fused_path_blocker
+from .losses import IGNORE_INDEX
+from .model_inputs import inputs_from_parent, reference_before_forward, replayed_random_state, without_task_keys
 from .regularizers import (
-    TERM_NAMES,
     RegularizerTerms,
     classification_regularizer_terms,
     fused_regularizer_terms,
@@ -43,8 +44,12 @@ from .term_tally import TermTally
 
 LOG = logging.getLogger(__name__)
 
-# Keys of the model inputs that are not model inputs for the reference forward.
-_TASK_ONLY_KEYS = ("labels", "num_items_in_batch")
+
+def _head_key(peft_model: nn.Module) -> tuple:
+    """What the loss-path choice depends on: the model, its output layer and that layer's weight."""
+    head = peft_model.get_base_model().get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    return id(peft_model), id(head), None if weight is None else (weight.data_ptr(), weight.dtype)
 
 
 class BALoRATrainerMixin:
@@ -54,10 +59,22 @@ class BALoRATrainerMixin:
         super().__init__(*args, **kwargs)
         self.balora_config = balora_config or BALoRAConfig()
         self._balora_tally = TermTally()
-        self._balora_checked = False
+        self._balora_path_key: tuple | None = None
         self._balora_classification = False
         self._balora_fused_blocker: str | None = None
+        self._balora_head_checked = False
         self._balora_lm_head_r = LmHeadFactor()
+
+    @property
+    def balora_loss_path(self) -> str:
+        """Which loss the last training step used: for logs, benchmarks and tests."""
+        if self._balora_path_key is None:
+            return "model loss"
+        if self._balora_classification:
+            return "classification"
+        if self._balora_fused_blocker is None:
+            return f"fused (chunk {self.balora_config.chunk_size})"
+        return f"plain ({self._balora_fused_blocker})"
 
     # -- loss ---------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -66,56 +83,91 @@ class BALoRATrainerMixin:
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
         peft_model = self.accelerator.unwrap_model(model)
-        if not self._balora_checked:
-            check_frozen_factors_active(peft_model)
-            self._balora_classification = uses_classification_form(peft_model, self.balora_config.task)
-            if self._balora_classification:
-                LOG.info("BA-LoRA: classification form (per-example logits, pooled features)")
-            else:
-                self._balora_fused_blocker = self._choose_loss_path(peft_model)
-            self._balora_checked = True
-        labels = inputs["labels"]
+        self._choose_loss_path(peft_model)
         lambdas = lambdas_at(self.balora_config, self.state.global_step, self.state.max_steps)
         if self._balora_classification:
             loss, outputs = self._classification_loss(model, peft_model, inputs, lambdas, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
+        labels = inputs["labels"]
         weight = self.regularizer_weight(labels, num_items_in_batch)
         if return_outputs or self._balora_fused_blocker is not None:
-            task_loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
-            ref_logits = self.reference_logits(model, inputs) if lambdas.consistency > 0 else None
-            terms = plain_regularizer_terms(
-                outputs.logits, ref_logits, labels, self.balora_config, lambdas
-            )
-            loss = task_loss + weight * terms.weighted_sum(lambdas)
-        else:
-            outputs = None
-            task_mean, terms = self._fused_terms(model, peft_model, inputs, labels, lambdas)
-            loss = weight * (task_mean + terms.weighted_sum(lambdas))
+            return self._plain_loss(model, peft_model, inputs, lambdas, weight, num_items_in_batch, return_outputs)
+        model_inputs = without_task_keys(inputs_from_parent(super().compute_loss, model, inputs, num_items_in_batch))
+        if not self._balora_head_checked and not self._fused_head_matches(model, peft_model, model_inputs, labels):
+            # The parent runs once more for this one step (its side effects, such as
+            # Axolotl's token count, see this batch twice).
+            return self._plain_loss(model, peft_model, inputs, lambdas, weight, num_items_in_batch, return_outputs)
+        task_mean, terms = self._fused_terms(model, peft_model, model_inputs, labels, lambdas)
         self._record(terms, lambdas)
-        return (loss, outputs) if return_outputs else loss
+        return weight * (task_mean + terms.weighted_sum(lambdas))
 
-    def _choose_loss_path(self, peft_model: nn.Module) -> str | None:
+    def _choose_loss_path(self, peft_model: nn.Module) -> None:
+        """Pick the form and path once per model / output layer (again if either changes)."""
+        key = _head_key(peft_model)
+        if key == self._balora_path_key:
+            return
+        self._balora_path_key = key
+        check_frozen_factors_active(peft_model)
+        self._balora_classification = uses_classification_form(peft_model, self.balora_config.task)
+        if self._balora_classification:
+            LOG.info("BA-LoRA: classification form (per-example logits, pooled features)")
+            return
         if self.balora_config.chunk_size == 0:
             blocker = "balora_chunk_size is 0"
         elif getattr(self.args, "label_smoothing_factor", 0) or getattr(self, "compute_loss_func", None):
             blocker = "the task loss is customized (label smoothing or compute_loss_func)"
         else:
             blocker = fused_path_blocker(peft_model)
-        if blocker is None:
-            LOG.info("BA-LoRA: fused chunked loss (chunk %d tokens)", self.balora_config.chunk_size)
-        else:
+        self._balora_fused_blocker = blocker
+        self._balora_head_checked = False
+        if blocker is not None:
             LOG.warning("BA-LoRA: regularizers from full logits (plain path): %s", blocker)
-        return blocker
 
-    def _fused_terms(self, model, peft_model, inputs, labels, lambdas):
-        model_inputs = {k: v for k, v in inputs.items() if k not in _TASK_ONLY_KEYS}
-        hidden = final_hidden_states(model, peft_model, model_inputs)
+    def _fused_head_matches(self, model, peft_model, model_inputs, labels) -> bool:
+        """Check the fused path against the model's own log-probabilities on this batch (once)."""
+        check = check_fused_head(model, peft_model, model_inputs, labels)
+        self._balora_head_checked = True
+        if check.reason is not None:
+            self._balora_fused_blocker = check.reason
+            LOG.warning("BA-LoRA: regularizers from full logits (plain path): %s", check.reason)
+            return False
+        LOG.info(
+            "BA-LoRA: fused chunked loss (chunk %d tokens); checked against the model's own "
+            "log-probabilities on %d positions (difference %.2g of the logits' range, tolerance %.2g)",
+            self.balora_config.chunk_size, check.positions, check.error, check.tolerance,
+        )
+        return True
+
+    def _plain_loss(self, model, peft_model, inputs, lambdas, weight, num_items_in_batch, return_outputs):
+        """The parent's task loss and outputs; the terms from full logits.
+
+        The reference forward runs inside the parent's model call, on the inputs
+        the parent prepared, before the trained forward (same dropout draws).
+        """
+        labels = inputs["labels"]  # a parent with compute_loss_func pops them from `inputs`
+        reference: list[torch.Tensor] = []
+
+        def run_reference(forward, model_inputs: dict[str, Any]) -> None:
+            with replayed_random_state(model_inputs), torch.no_grad(), peft_model.disable_adapter():
+                reference.append(forward(**without_task_keys(model_inputs)).logits.detach())
+
+        with reference_before_forward(model, run_reference) if lambdas.consistency > 0 else contextlib.nullcontext():
+            task_loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        terms = plain_regularizer_terms(
+            outputs.logits, reference[-1] if reference else None, labels, self.balora_config, lambdas
+        )
+        self._record(terms, lambdas)
+        loss = task_loss + weight * terms.weighted_sum(lambdas)
+        return (loss, outputs) if return_outputs else loss
+
+    def _fused_terms(self, model, peft_model, model_inputs, labels, lambdas):
         ref_hidden = None
         if self.balora_config.lambda_consistency > 0:
-            with torch.no_grad(), peft_model.disable_adapter():
+            with replayed_random_state(model_inputs), torch.no_grad(), peft_model.disable_adapter():
                 ref_hidden = final_hidden_states(model, peft_model, model_inputs).detach()
+        hidden = final_hidden_states(model, peft_model, model_inputs)
         lm_head_weight = peft_model.get_base_model().get_output_embeddings().weight
         return fused_regularizer_terms(
             hidden, ref_hidden, labels, lm_head_weight,
@@ -128,8 +180,7 @@ class BALoRATrainerMixin:
         consistency = self.balora_config.lambda_consistency > 0
         ref_features = None
         if consistency:
-            model_inputs = {k: v for k, v in inputs.items() if k not in _TASK_ONLY_KEYS}
-            ref_features = reference_features(model, peft_model, model_inputs)
+            ref_features = reference_features(model, peft_model, without_task_keys(inputs))
         recording = recorded_pooled_features(peft_model, inputs) if consistency else contextlib.nullcontext([])
         with recording as features:
             task_loss, outputs = super().compute_loss(
@@ -142,38 +193,50 @@ class BALoRATrainerMixin:
         weight = self.regularizer_weight(inputs["labels"], num_items_in_batch, shifted=False)
         return task_loss + weight * terms.weighted_sum(lambdas), outputs
 
-    def reference_logits(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        """Logits of the pre-trained model: the same forward with every adapter disabled, no grad."""
-        peft_model = self.accelerator.unwrap_model(model)
-        reference_inputs = {k: v for k, v in inputs.items() if k not in _TASK_ONLY_KEYS}
-        with torch.no_grad(), peft_model.disable_adapter():
-            return model(**reference_inputs).logits.detach()
-
     def regularizer_weight(
         self, labels: torch.Tensor, num_items_in_batch: Any, shifted: bool = True
     ) -> float | torch.Tensor:
-        """Scale that makes a per-micro-batch mean add up like the task loss does.
+        """Scale that makes a per-micro-batch mean add up like the parent's task loss does.
 
-        When the parent normalizes the task loss by the token count of the whole
-        accumulated (and device-averaged) batch, the parent does not divide by
-        the accumulation steps, so each micro-batch's regularizers are weighted
-        by its share of those tokens. Otherwise the parent divides the returned
-        loss by the accumulation steps itself and the weight is 1. Tokens are
-        counted as the Trainer counts them: after the causal shift (`shifted`),
-        or every label of a classifier.
+        Mirrors each branch of transformers' Trainer (`compute_loss` and
+        `training_step`):
+
+        * the task loss is normalized by the token count of the whole accumulated
+          batch (`num_items_in_batch` given, and the model takes loss kwargs or a
+          `compute_loss_func` receives it): the parent does not divide by the
+          accumulation steps, so each micro-batch is weighted by its share of
+          those tokens, times the parent's device scale under
+          `average_tokens_across_devices`;
+        * a `compute_loss_func` without `num_items_in_batch`: the parent divides
+          by nothing, so the weight is 1 / accumulation steps;
+        * otherwise the parent divides the returned loss by the accumulation
+          steps itself: weight 1.
+
+        Tokens are counted as the Trainer counts them: after the causal shift
+        (`shifted`), or every label of a classifier.
         """
-        if num_items_in_batch is None or not getattr(self, "model_accepts_loss_kwargs", False):
-            return 1.0
-        scored = labels[..., 1:] if shifted else labels
-        local_tokens = (scored != IGNORE_INDEX).sum()
-        weight = local_tokens / num_items_in_batch
-        if getattr(self.args, "average_tokens_across_devices", False):
-            processes = self.accelerator.num_processes
-            parallelism = getattr(self.accelerator, "parallelism_config", None)
-            if parallelism is not None:
-                processes //= parallelism.tp_size
-            weight = weight * processes
-        return weight
+        loss_func = getattr(self, "compute_loss_func", None)
+        accepts_loss_kwargs = getattr(self, "model_accepts_loss_kwargs", False)
+        if num_items_in_batch is not None and (accepts_loss_kwargs or loss_func is not None):
+            scored = labels[..., 1:] if shifted else labels
+            weight = (scored != IGNORE_INDEX).sum() / num_items_in_batch
+            if getattr(self.args, "average_tokens_across_devices", False):
+                weight = weight * self._device_loss_scale()
+            return weight
+        if loss_func is not None:
+            steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+            return 1.0 / steps
+        return 1.0
+
+    def _device_loss_scale(self) -> int:
+        """The factor the parent multiplies a token-normalized loss by across devices."""
+        if self.args.n_gpu > 1:
+            return self.args.n_gpu
+        processes = self.accelerator.num_processes
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        if parallelism is not None:
+            processes //= parallelism.tp_size
+        return processes
 
     # -- checkpoints --------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):

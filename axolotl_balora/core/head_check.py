@@ -1,0 +1,115 @@
+"""Check on the real batch that the fused loss sees the logits the model itself computes.
+
+The fused loss assumes logits = lm_head(decoder output). Models that scale
+or cap their logits after the head (Granite, Cohere, FalconH1), transform the
+hidden states before it (MiniCPM3), or mask vocabulary entries break that
+assumption, and a list of known exceptions can never be complete. So before
+the first fused step the model is run once more without gradient, with
+`logits_to_keep` selecting a few scored positions, and its log-probabilities
+are compared with those of lm_head applied to the decoder output recorded in
+the same forward. The model stays in training mode (switching to eval makes
+bitsandbytes' CPU backend repack 4-bit weights in place): dropout, if any,
+acts on both sides of the comparison alike, and the random state is
+restored afterwards so the check draws nothing from the training's stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from peft import PeftModel
+from torch import nn
+
+from .hidden_states import recorded_output
+from .losses import IGNORE_INDEX
+from .model_inputs import replayed_random_state
+
+CHECKED_POSITIONS = 8
+
+
+@dataclass
+class HeadCheck:
+    """Largest log-probability difference, as a fraction of the logits' range, and its verdict."""
+
+    error: float
+    tolerance: float
+    positions: int
+    reason: str | None  # None: the fused loss sees the model's own logits
+
+
+def tolerance_for(dtype: torch.dtype) -> float:
+    """1e-4 in float32; 8 units of rounding for half precision (bf16 0.0625, fp16 0.0078)."""
+    return max(1e-4, 8 * torch.finfo(dtype).eps)
+
+
+def checked_positions(labels: torch.Tensor, count: int = CHECKED_POSITIONS) -> torch.Tensor:
+    """Up to `count` sequence positions, spread out, whose next token some row scores."""
+    scored = (labels[..., 1:] != IGNORE_INDEX).reshape(-1, labels.shape[-1] - 1).any(0)
+    positions = scored.nonzero().flatten()
+    if positions.numel() == 0:  # nothing scored: the head is the same function everywhere
+        positions = torch.arange(labels.shape[-1], device=labels.device)
+    if positions.numel() > count:
+        positions = positions[torch.linspace(0, positions.numel() - 1, count, device=labels.device).long()]
+    return positions
+
+
+def _log_prob_error(fused_logits: torch.Tensor, model_logits: torch.Tensor) -> float:
+    """max |log_softmax(fused) - log_softmax(model)| over the logits' largest range; NaN-safe."""
+    difference = (F.log_softmax(fused_logits, -1) - F.log_softmax(model_logits, -1)).abs().amax()
+    spread = (model_logits.amax(-1) - model_logits.amin(-1)).amax().clamp_min(torch.finfo(torch.float32).tiny)
+    error = (difference / spread).item()
+    return error if error == error else float("inf")  # NaN (masked or non-finite logits) fails
+
+
+def _run_check(model: nn.Module, peft_model: PeftModel, model_inputs: dict, positions: torch.Tensor
+               ) -> tuple[float, str | None, torch.dtype]:
+    base = peft_model.get_base_model()
+    weight = base.get_output_embeddings().weight
+    with replayed_random_state(model_inputs), torch.no_grad(), recorded_output(base.get_decoder()) as recorded:
+        output = model(**model_inputs, logits_to_keep=positions)
+    logits = getattr(output, "logits", None)
+    if logits is None or not recorded:
+        return float("inf"), "the check forward returned no logits or no decoder output", weight.dtype
+    hidden = recorded[-1]
+    if logits.dim() != 3 or logits.shape[1] != positions.numel() or hidden.dim() != 3:
+        return float("inf"), "the model does not select logits by a logits_to_keep index tensor", weight.dtype
+    fused = (hidden[:, positions].to(weight.dtype) @ weight.T).float()
+    coarsest = max((weight.dtype, hidden.dtype, logits.dtype), key=lambda dtype: torch.finfo(dtype).eps)
+    return _log_prob_error(fused, logits.float()), None, coarsest
+
+
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    """Every rank must take the same path (their forwards and collectives must match)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
+def check_fused_head(model: nn.Module, peft_model: PeftModel, model_inputs: dict, labels: torch.Tensor
+                     ) -> HeadCheck:
+    """Compare the fused path's log-probabilities with the model's own on this batch.
+
+    `model` is what the trainer calls (possibly wrapped), `model_inputs` the
+    parent's prepared inputs without labels. Collective under torch.distributed:
+    every rank must call it at the same step.
+    """
+    positions = checked_positions(labels)
+    try:
+        error, reason, dtype = _run_check(model, peft_model, model_inputs, positions)
+    except (TypeError, ValueError, IndexError, RuntimeError) as failure:
+        error, reason = float("inf"), f"the check forward with logits_to_keep failed ({type(failure).__name__}: {failure})"
+        dtype = torch.float32
+    error = _max_over_ranks(error, labels.device)
+    tolerance = tolerance_for(dtype)
+    if reason is None and not error <= tolerance:
+        reason = (
+            f"the model's own log-probabilities differ from lm_head(final hidden states) by {error:.3g} "
+            f"of the logits' range (tolerance {tolerance:.3g} for {str(dtype).removeprefix('torch.')}): "
+            "it transforms its hidden states or logits around the output layer"
+        )
+    return HeadCheck(error=error, tolerance=tolerance, positions=positions.numel(), reason=reason)
