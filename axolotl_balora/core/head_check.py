@@ -11,6 +11,8 @@ the same forward. The model stays in training mode (switching to eval makes
 bitsandbytes' CPU backend repack 4-bit weights in place): dropout, if any,
 acts on both sides of the comparison alike, and the random state is
 restored afterwards so the check draws nothing from the training's stream.
+A second short forward (one row, at most 64 tokens) compares the model's own
+loss with the fused cross-entropy, which catches a task loss of another form.
 """
 
 from __future__ import annotations
@@ -23,16 +25,19 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 
+from .fused import fused_sums
 from .hidden_states import recorded_output
 from .losses import IGNORE_INDEX
 from .model_inputs import replayed_random_state
 
 CHECKED_POSITIONS = 8
+LOSS_CHECK_TOKENS = 64
 
 
 @dataclass
 class HeadCheck:
-    """Largest log-probability difference, as a fraction of the logits' range, and its verdict."""
+    """Largest difference found (log-probabilities over the logits' range, or the loss's
+    relative difference) and the verdict."""
 
     error: float
     tolerance: float
@@ -81,35 +86,89 @@ def _run_check(model: nn.Module, peft_model: PeftModel, model_inputs: dict, posi
     return _log_prob_error(fused, logits.float()), None, coarsest
 
 
-def _max_over_ranks(value: float, device: torch.device) -> float:
+def loss_window(labels: torch.Tensor, length: int = LOSS_CHECK_TOKENS) -> tuple[int, slice]:
+    """(row, positions) of a short window ending at the last scored label of the most-scored row."""
+    scored = labels.reshape(-1, labels.shape[-1]) != IGNORE_INDEX
+    row = int(scored[:, 1:].sum(-1).argmax())
+    indices = scored[row].nonzero().flatten()
+    end = int(indices[-1]) + 1 if indices.numel() else labels.shape[-1]
+    return row, slice(max(0, end - length), end)
+
+
+def _window_inputs(model_inputs: dict, labels: torch.Tensor, row: int, window: slice) -> dict:
+    """The inputs cut to one row and the window: every [batch-or-1, seq] tensor is sliced."""
+    batch, seq = labels.shape[0], labels.shape[-1]
+
+    def cut(value):
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[-1] == seq:
+            return value[row if value.shape[0] == batch else 0][None, window]
+        return value
+
+    return {key: cut(value) for key, value in model_inputs.items()}
+
+
+def _run_loss_check(model: nn.Module, peft_model: PeftModel, model_inputs: dict, labels: torch.Tensor) -> float:
+    """|model's own loss - fused cross-entropy| / max(1, |loss|) on a short window of the batch.
+
+    Catches a task loss that is not the shifted next-token cross-entropy of
+    those logits (the decoders of encoder-decoder models score unshifted
+    labels, for example), which the logits comparison cannot see. The window
+    keeps the full logits it needs small.
+    """
+    row, window = loss_window(labels)
+    short_labels = labels[row][None, window]
+    base = peft_model.get_base_model()
+    weight = base.get_output_embeddings().weight
+    with replayed_random_state(model_inputs), torch.no_grad(), recorded_output(base.get_decoder()) as recorded:
+        output = model(**_window_inputs(model_inputs, labels, row, window), labels=short_labels)
+    loss = getattr(output, "loss", None)
+    if loss is None or not recorded:
+        return float("inf")
+    sums = fused_sums(recorded[-1], None, short_labels, weight, top_k=None)
+    if sums.count == 0:
+        return 0.0
+    error = ((loss.float() - sums.cross_entropy / sums.count).abs() / loss.float().abs().clamp_min(1.0)).item()
+    return error if error == error else float("inf")
+
+
+def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:
     """Every rank must take the same path (their forwards and collectives must match)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.item()
+    return tensor.tolist()
 
 
 def check_fused_head(model: nn.Module, peft_model: PeftModel, model_inputs: dict, labels: torch.Tensor
                      ) -> HeadCheck:
-    """Compare the fused path's log-probabilities with the model's own on this batch.
+    """Compare the fused path's log-probabilities and task loss with the model's own on this batch.
 
     `model` is what the trainer calls (possibly wrapped), `model_inputs` the
     parent's prepared inputs without labels. Collective under torch.distributed:
     every rank must call it at the same step.
     """
     positions = checked_positions(labels)
+    reason = None
     try:
         error, reason, dtype = _run_check(model, peft_model, model_inputs, positions)
+        loss_error = _run_loss_check(model, peft_model, model_inputs, labels) if reason is None else float("inf")
     except (TypeError, ValueError, IndexError, RuntimeError) as failure:
-        error, reason = float("inf"), f"the check forward with logits_to_keep failed ({type(failure).__name__}: {failure})"
+        error = loss_error = float("inf")
+        reason = reason or f"a check forward failed ({type(failure).__name__}: {failure})"
         dtype = torch.float32
-    error = _max_over_ranks(error, labels.device)
+    error, loss_error = _max_over_ranks([error, loss_error], labels.device)
     tolerance = tolerance_for(dtype)
+    precision = f"tolerance {tolerance:.3g} for {str(dtype).removeprefix('torch.')}"
     if reason is None and not error <= tolerance:
         reason = (
             f"the model's own log-probabilities differ from lm_head(final hidden states) by {error:.3g} "
-            f"of the logits' range (tolerance {tolerance:.3g} for {str(dtype).removeprefix('torch.')}): "
-            "it transforms its hidden states or logits around the output layer"
+            f"of the logits' range ({precision}): it transforms its hidden states or logits around "
+            "the output layer"
         )
-    return HeadCheck(error=error, tolerance=tolerance, positions=positions.numel(), reason=reason)
+    elif reason is None and not loss_error <= tolerance:
+        reason = (
+            f"the model's own loss differs from the shifted next-token cross-entropy of its logits by "
+            f"{loss_error:.3g} relative ({precision}): its task loss is not the one the fused path computes"
+        )
+    return HeadCheck(error=max(error, loss_error), tolerance=tolerance, positions=positions.numel(), reason=reason)

@@ -133,7 +133,7 @@ class BALoRATrainerMixin:
             return False
         LOG.info(
             "BA-LoRA: fused chunked loss (chunk %d tokens); checked against the model's own "
-            "log-probabilities on %d positions (difference %.2g of the logits' range, tolerance %.2g)",
+            "log-probabilities on %d positions and its own loss (largest difference %.2g, tolerance %.2g)",
             self.balora_config.chunk_size, check.positions, check.error, check.tolerance,
         )
         return True
