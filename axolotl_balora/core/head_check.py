@@ -153,7 +153,7 @@ def check_fused_head(model: nn.Module, peft_model: PeftModel, model_inputs: dict
     try:
         error, reason, dtype = _run_check(model, peft_model, model_inputs, positions)
         loss_error = _run_loss_check(model, peft_model, model_inputs, labels) if reason is None else float("inf")
-    except (TypeError, ValueError, IndexError, RuntimeError) as failure:
+    except (AttributeError, TypeError, ValueError, IndexError, RuntimeError) as failure:
         error = loss_error = float("inf")
         reason = reason or f"a check forward failed ({type(failure).__name__}: {failure})"
         dtype = torch.float32

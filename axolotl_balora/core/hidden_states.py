@@ -22,6 +22,8 @@ from torch import nn
 # FalconH1 by `lm_head_multiplier`; MiniCPM3 divides the hidden states by its
 # `logits_scaling` (hidden_size / dim_model_base) before the head.
 LOGIT_SCALE_ATTRIBUTES = ("logits_scaling", "logit_scale", "lm_head_multiplier")
+# Gemma 2/3n, VaultGemma call it final_logit_softcapping; RecurrentGemma logits_soft_cap.
+SOFTCAP_ATTRIBUTES = ("final_logit_softcapping", "logits_soft_cap")
 
 
 def fused_path_blocker(model: PeftModel) -> str | None:
@@ -44,15 +46,15 @@ def fused_path_blocker(model: PeftModel) -> str | None:
     if hasattr(lm_head.weight, "ds_id") or type(lm_head.weight).__name__ == "DTensor":
         return "the output layer's weight is sharded (DeepSpeed ZeRO-3 / FSDP2) outside its forward"
     for config in (base.config, base.config.get_text_config()):
-        if getattr(config, "final_logit_softcapping", None):
+        if any(getattr(config, name, None) for name in SOFTCAP_ATTRIBUTES):
             return "the model soft-caps its final logits"
         for name in LOGIT_SCALE_ATTRIBUTES:
             if getattr(config, name, 1) not in (None, 1, 1.0):
                 return f"the model scales its logits or final hidden states ({name} = {getattr(config, name)})"
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return f"{type(base).__name__}.forward has no logits_to_keep argument"
-    if base.get_decoder() is None:
-        return f"{type(base).__name__} exposes no decoder (get_decoder)"
+    if base.get_decoder() is None or base.get_decoder() is base:
+        return f"{type(base).__name__} exposes no decoder of its own (get_decoder)"
     return None
 
 

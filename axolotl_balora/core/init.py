@@ -22,6 +22,7 @@ from dataclasses import replace
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import ParamWrapper
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from tqdm.auto import tqdm
@@ -48,17 +49,24 @@ def principal_factors(
     power iterations under a fixed seed (the global RNG is left untouched).
     """
     matrix = weight.detach().float()
+    kept = min(rank, *matrix.shape)
     if niter is None:
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+        u, s, vh = u[:, :kept], s[:kept], vh[:kept]
     else:
         devices = [matrix.device] if matrix.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(RANDOMIZED_SVD_SEED)
-            u, s, v = torch.svd_lowrank(matrix, q=rank, niter=niter)
+            u, s, v = torch.svd_lowrank(matrix, q=kept, niter=niter)
         vh = v.T
     root = torch.sqrt(s / scaling)
-    return u * root, root[:, None] * vh
+    b0, a0 = u * root, root[:, None] * vh
+    if kept < rank:
+        # A weight with fewer singular directions than r (a 1 x hidden gate, say) is
+        # reproduced exactly by `kept` of them; the other factor rows start at zero.
+        b0 = torch.cat([b0, b0.new_zeros(b0.shape[0], rank - kept)], dim=1)
+        a0 = torch.cat([a0, a0.new_zeros(rank - kept, a0.shape[1])], dim=0)
+    return b0, a0
 
 
 def base_weight_for_init(layer: LoraLayer) -> torch.Tensor:
@@ -223,6 +231,23 @@ def activate_balora_adapters(model: nn.Module) -> None:
             layer.set_adapter([TRAINABLE_ADAPTER, FROZEN_ADAPTER])
 
 
+def _refuse_parameter_targets(model: PeftModel) -> None:
+    """PiSSA needs a weight matrix per layer; PEFT's ParamWrapper adapts a raw tensor instead.
+
+    PEFT 0.20 maps "all-linear" on transformers-5 MoE models with fused experts
+    (Mixtral, Qwen3-MoE, OLMoE, ...) onto `target_parameters` of the expert tensors.
+    """
+    wrapped = [name for name, layer in lora_layers(model) if isinstance(layer, ParamWrapper)]
+    if wrapped:
+        raise ValueError(
+            f"BA-LoRA: {len(wrapped)} adapted tensors are parameters, not nn.Linear layers "
+            f"(e.g. {wrapped[0]}: fused MoE experts, or target_parameters), which the PiSSA init "
+            "and the frozen factors cannot handle. Name the linear layers in target_modules "
+            "(lora_target_modules in Axolotl, e.g. q_proj, k_proj, v_proj, o_proj) instead of "
+            '"all-linear" or target_parameters.'
+        )
+
+
 def apply_balora(model: nn.Module, lora_config: LoraConfig, init: str = "pissa",
                  init_cache: str | os.PathLike | None = None) -> PeftModel:
     """Wrap `model` with a BA-LoRA adapter described by a standard LoraConfig.
@@ -241,6 +266,7 @@ def apply_balora(model: nn.Module, lora_config: LoraConfig, init: str = "pissa",
         LOG.info("BA-LoRA: %s is a sequence classifier; using task_type SEQ_CLS", type(model).__name__)
         config = replace(config, task_type="SEQ_CLS")
     peft_model = get_peft_model(model, config)
+    _refuse_parameter_targets(peft_model)
     if method == "pissa":
         LOG.info("BA-LoRA: computing PiSSA factors (%s) in float32", init)
         cache = FactorCache(init_cache) if init_cache is not None else None
