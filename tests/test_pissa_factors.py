@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import safetensors.torch
 import torch
 from peft import LoraConfig
 
@@ -73,6 +74,18 @@ def test_unreadable_entry_is_recomputed_and_replaced(tmp_path, count_decompositi
     count_decompositions.clear()
     apply_balora(tiny_llama(), CONFIG, init="pissa", init_cache=tmp_path)
     assert not count_decompositions  # the replacement is good
+
+
+def test_entry_of_other_shapes_is_recomputed(tmp_path, count_decompositions, caplog):
+    """An entry written by an older version (unpadded factors) is never broadcast into a layer."""
+    apply_balora(tiny_llama(), CONFIG, init="pissa", init_cache=tmp_path)
+    entry = sorted(tmp_path.glob("*.safetensors"))[0]
+    factors = safetensors.torch.load_file(entry)
+    safetensors.torch.save_file({"b0": factors["b0"][:, :1].contiguous(), "a0": factors["a0"][:1].contiguous()}, entry)
+    count_decompositions.clear()
+    with caplog.at_level(logging.WARNING):
+        apply_balora(tiny_llama(), CONFIG, init="pissa", init_cache=tmp_path)
+    assert len(count_decompositions) == 1 and "other shapes" in caplog.text
 
 
 def test_cache_off_writes_nothing(tmp_path, monkeypatch):

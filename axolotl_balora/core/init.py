@@ -145,8 +145,11 @@ def _layer_factors(layer: LoraLayer, niter: int | None, cache: FactorCache | Non
     weight = base_weight_for_init(layer)
     rank, scaling = layer.r[TRAINABLE_ADAPTER], layer.scaling[TRAINABLE_ADAPTER]
     key = cache.key(weight, rank, scaling, niter) if cache is not None else None
+    expected = ((weight.shape[0], rank), (rank, weight.shape[1]))
     if cache is not None and (cached := cache.load(key)) is not None:
-        return cached
+        if tuple(tuple(factor.shape) for factor in cached) == expected:
+            return cached
+        LOG.warning("BA-LoRA init cache: entry %s has other shapes than %s; recomputing", key, expected)
     b0, a0 = principal_factors(weight.to(compute_device(weight)), rank=rank, scaling=scaling, niter=niter)
     if cache is not None:
         cache.store(key, b0, a0)
