@@ -61,24 +61,37 @@ def checked_positions(labels: torch.Tensor, count: int = CHECKED_POSITIONS) -> t
     return positions
 
 
+def _error(value: torch.Tensor) -> float:
+    """A check's error as a float; NaN (masked or non-finite logits) counts as a failure."""
+    error = value.item()
+    return error if error == error else float("inf")
+
+
 def _log_prob_error(fused_logits: torch.Tensor, model_logits: torch.Tensor) -> float:
-    """max |log_softmax(fused) - log_softmax(model)| over the logits' largest range; NaN-safe."""
+    """max |log_softmax(fused) - log_softmax(model)| over the logits' largest range."""
     difference = (F.log_softmax(fused_logits, -1) - F.log_softmax(model_logits, -1)).abs().amax()
     spread = (model_logits.amax(-1) - model_logits.amin(-1)).amax().clamp_min(torch.finfo(torch.float32).tiny)
-    error = (difference / spread).item()
-    return error if error == error else float("inf")  # NaN (masked or non-finite logits) fails
+    return _error(difference / spread)
+
+
+def _recorded_forward(model: nn.Module, peft_model: PeftModel, inputs: dict) -> tuple[object, torch.Tensor | None]:
+    """(model output, decoder output of the same forward), no gradient, random state replayed."""
+    with (
+        replayed_random_state(inputs),
+        torch.no_grad(),
+        recorded_output(peft_model.get_base_model().get_decoder()) as recorded,
+    ):
+        output = model(**inputs)
+    return output, recorded[-1] if recorded else None
 
 
 def _run_check(model: nn.Module, peft_model: PeftModel, model_inputs: dict, positions: torch.Tensor
                ) -> tuple[float, str | None, torch.dtype]:
-    base = peft_model.get_base_model()
-    weight = base.get_output_embeddings().weight
-    with replayed_random_state(model_inputs), torch.no_grad(), recorded_output(base.get_decoder()) as recorded:
-        output = model(**model_inputs, logits_to_keep=positions)
+    weight = peft_model.get_base_model().get_output_embeddings().weight
+    output, hidden = _recorded_forward(model, peft_model, {**model_inputs, "logits_to_keep": positions})
     logits = getattr(output, "logits", None)
-    if logits is None or not recorded:
+    if logits is None or hidden is None:
         return float("inf"), "the check forward returned no logits or no decoder output", weight.dtype
-    hidden = recorded[-1]
     if logits.dim() != 3 or logits.shape[1] != positions.numel() or hidden.dim() != 3:
         return float("inf"), "the model does not select logits by a logits_to_keep index tensor", weight.dtype
     fused = (hidden[:, positions].to(weight.dtype) @ weight.T).float()
@@ -117,18 +130,17 @@ def _run_loss_check(model: nn.Module, peft_model: PeftModel, model_inputs: dict,
     """
     row, window = loss_window(labels)
     short_labels = labels[row][None, window]
-    base = peft_model.get_base_model()
-    weight = base.get_output_embeddings().weight
-    with replayed_random_state(model_inputs), torch.no_grad(), recorded_output(base.get_decoder()) as recorded:
-        output = model(**_window_inputs(model_inputs, labels, row, window), labels=short_labels)
+    weight = peft_model.get_base_model().get_output_embeddings().weight
+    output, hidden = _recorded_forward(
+        model, peft_model, {**_window_inputs(model_inputs, labels, row, window), "labels": short_labels}
+    )
     loss = getattr(output, "loss", None)
-    if loss is None or not recorded:
+    if loss is None or hidden is None:
         return float("inf")
-    sums = fused_sums(recorded[-1], None, short_labels, weight, top_k=None)
+    sums = fused_sums(hidden, None, short_labels, weight, top_k=None)
     if sums.count == 0:
         return 0.0
-    error = ((loss.float() - sums.cross_entropy / sums.count).abs() / loss.float().abs().clamp_min(1.0)).item()
-    return error if error == error else float("inf")
+    return _error((loss.float() - sums.cross_entropy / sums.count).abs() / loss.float().abs().clamp_min(1.0))
 
 
 def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:

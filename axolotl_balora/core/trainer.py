@@ -46,10 +46,11 @@ LOG = logging.getLogger(__name__)
 
 
 def _head_key(peft_model: nn.Module) -> tuple:
-    """What the loss-path choice depends on: the model, its output layer and that layer's weight."""
+    """What the loss-path choice depends on: the model, its output layer, that layer's weight
+    (the Parameter object, not its storage, which ZeRO-3 and FSDP2 swap) and its dtype."""
     head = peft_model.get_base_model().get_output_embeddings()
     weight = getattr(head, "weight", None)
-    return id(peft_model), id(head), None if weight is None else (weight.data_ptr(), weight.dtype)
+    return id(peft_model), id(head), None if weight is None else (id(weight), weight.dtype)
 
 
 class BALoRATrainerMixin:
