@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from .adapter_forward import use_fused_update
 from .adapters import FROZEN_ADAPTER, TRAINABLE_ADAPTER
 from .classification import is_sequence_classifier
 from .config import parse_init
@@ -168,6 +169,7 @@ def _install_factors(layer: LoraLayer, b0: torch.Tensor, a0: torch.Tensor) -> No
     _as_buffer(layer.lora_B[FROZEN_ADAPTER], -lora_b.weight.detach().clone())
     layer.set_adapter([TRAINABLE_ADAPTER, FROZEN_ADAPTER])
     layer.register_forward_pre_hook(_frozen_follow_trainable_dtype)
+    use_fused_update(layer)
 
 
 def attach_frozen_factors(model: PeftModel, lora_config: LoraConfig, niter: int | None,
