@@ -93,13 +93,19 @@ def official_style_models(
     return peft_model, reference
 
 
-class OfficialStyleTrainer(Trainer):
-    """A Trainer whose loss is `official_style_loss`, as the official code subclasses Trainer."""
+class OfficialStyleLossMixin:
+    """compute_loss = `official_style_loss`, as the official code overrides it on its Trainer."""
+
+    reference: nn.Module
+    balora_config = BALoRAConfig(lambda_schedule="constant")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return official_style_loss(model, self.reference, inputs, self.balora_config)
+
+
+class OfficialStyleTrainer(OfficialStyleLossMixin, Trainer):
+    """The official-style loss on a plain transformers Trainer (the in-process benchmark)."""
 
     def __init__(self, *args: Any, reference: nn.Module, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.reference = reference
-        self.balora_config = BALoRAConfig(lambda_schedule="constant")
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return official_style_loss(model, self.reference, inputs, self.balora_config)
