@@ -12,7 +12,7 @@ into the base output (`addmm`), rewritten so that it is exactly zero at the init
 (x' = dropout(x)). At step 0, B = B0 and A = A0 bit for bit, so both halves of
 the product are exact zeros and the model is the pre-trained one exactly, under
 any cast of the trainable factors. Anything unusual (adapters disabled or merged,
-mixed-adapter batches, another set of active adapters, ZeRO-3 partitioned
+mixed-adapter batches, another set of active adapters, ZeRO-3 or FSDP2 sharded
 parameters, whose gather runs only in the submodules' own forwards) goes to
 PEFT's forward unchanged.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 from .adapters import FROZEN_ADAPTER, TRAINABLE_ADAPTER
@@ -30,8 +31,9 @@ BALORA_ADAPTERS = {TRAINABLE_ADAPTER, FROZEN_ADAPTER}
 
 
 def _partitioned(weight: torch.Tensor) -> bool:
-    """A DeepSpeed ZeRO-3 parameter: its data is gathered only by its module's own hooks."""
-    return hasattr(weight, "ds_id")
+    """A DeepSpeed ZeRO-3 parameter or an FSDP2 DTensor shard: gathered only by hooks
+    on the adapter's own submodules, so only their own forwards may read it."""
+    return hasattr(weight, "ds_id") or isinstance(weight, DTensor)
 
 
 class BALoRALinear(LoraLinear):
