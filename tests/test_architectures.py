@@ -61,6 +61,7 @@ from axolotl_balora.core.head_check import check_fused_head
 from axolotl_balora.core.hidden_states import final_hidden_states, fused_path_blocker
 from axolotl_balora.core.regularizers import (
     TERM_NAMES,
+    FusedLoss,
     RegularizerTerms,
     fused_regularizer_terms,
     plain_regularizer_terms,
@@ -264,7 +265,7 @@ class Step:
     loss: torch.Tensor
     path: str  # trainer.balora_loss_path
     warnings: list[str]  # the trainer's logged warnings
-    fused: list[tuple[torch.Tensor, RegularizerTerms]]  # what fused_regularizer_terms returned
+    fused: list[FusedLoss]  # what fused_regularizer_terms returned
 
 
 @pytest.fixture(scope="module")
@@ -275,10 +276,10 @@ def training_args(tmp_path_factory: pytest.TempPathFactory) -> TrainingArguments
 def training_step(peft_model: PeftModel, batch: dict[str, torch.Tensor], args: TrainingArguments,
                   monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Step:
     """One `compute_loss` in training mode, recording the path, its warnings and the fused terms."""
-    fused: list[tuple[torch.Tensor, RegularizerTerms]] = []
+    fused: list[FusedLoss] = []
     original: Callable = trainer_module.fused_regularizer_terms
 
-    def recording(*positional: Any, **keywords: Any) -> tuple[torch.Tensor, RegularizerTerms]:
+    def recording(*positional: Any, **keywords: Any) -> FusedLoss:
         fused.append(original(*positional, **keywords))
         return fused[-1]
 
@@ -314,9 +315,9 @@ def fused_cross_entropy(peft_model: PeftModel, batch: dict[str, torch.Tensor]) -
     weight = peft_model.get_base_model().get_output_embeddings().weight
     with torch.no_grad():
         hidden = final_hidden_states(peft_model, peft_model, model_inputs(batch))
-        task, _ = fused_regularizer_terms(hidden, None, batch["labels"], weight, lambda: LmHeadFactor()(weight),
-                                          CONFIG, LAMBDAS)
-    return task
+        fused = fused_regularizer_terms(hidden, None, batch["labels"], weight, lambda: LmHeadFactor()(weight),
+                                        CONFIG, LAMBDAS)
+    return fused.task
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -340,7 +341,8 @@ def test_fused_loss_is_the_models_own_or_steps_aside_with_a_logged_reason(
         assert not step.fused
         return
     assert step.path.startswith("fused"), step.path
-    (task, terms), = step.fused
+    (fused,) = step.fused
+    task, terms = fused.task, fused.terms
     reference = full_logit_reference(peft_model, batch)
     assert reference.terms.values["consistency"] > MIN_CONSISTENCY
     assert_close(task, reference.loss, "fused cross-entropy vs the model's own loss")

@@ -204,7 +204,8 @@ def test_failed_svd_and_non_finite_terms_are_skipped_and_counted(monkeypatch):
         logits, bad_features, features, BALoRAConfig.for_classification(), ALL_ON
     )
     assert terms.skipped == {"svd": 1, "consistency": 1}
-    assert set(terms.values) == {"diversity"}
+    assert set(terms.values) == {"consistency", "diversity"}  # a failed SVD leaves no value
+    _close(terms.weighted_sum(ALL_ON), ALL_ON.diversity * terms.values["diversity"].item())
 
 
 # --------------------------------------------------------------------------- models, heads, task selection

@@ -9,7 +9,7 @@ from peft import LoraConfig
 from transformers import TrainingArguments
 
 from axolotl_balora.core import BALoRAConfig, apply_balora
-from axolotl_balora.core.fused import LmHeadFactor, fused_sums, svd_ratio_from_hidden
+from axolotl_balora.core.fused import LmHeadFactor, fused_losses, svd_ratio_from_hidden
 from axolotl_balora.core.hidden_states import fused_path_blocker
 from axolotl_balora.core.losses import consistency_kl, diversity_entropy, svd_ratio
 from tiny_models import perturb_trainable, VOCAB, BALoRATrainer, tiny_llama
@@ -40,9 +40,13 @@ def _reference(hidden, ref_hidden, labels, weight, temperature, top_k):
     return ce, consistency_kl(logits, ref_logits, labels, temperature), diversity_entropy(logits, labels, top_k)
 
 
+def _fused(hidden, ref_hidden, labels, weight, temperature=2.0, top_k=20, chunk_size=256, lambdas=(0.0, 0.0)):
+    return fused_losses(hidden, ref_hidden, labels, weight, temperature, top_k, *lambdas, chunk_size=chunk_size)
+
+
 def _fused_means(hidden, ref_hidden, labels, weight, temperature, top_k, chunk_size):
-    sums = fused_sums(hidden, ref_hidden, labels, weight, temperature, top_k, chunk_size)
-    return sums.cross_entropy / sums.count, sums.consistency / sums.count, sums.neg_entropy / sums.count
+    losses = _fused(hidden, ref_hidden, labels, weight, temperature, top_k, chunk_size)
+    return losses.cross_entropy, losses.consistency, losses.neg_entropy
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 16, 1000])
@@ -51,12 +55,19 @@ def test_fused_matches_reference_values_and_gradients(chunk_size, temperature, t
     hidden, ref_hidden, labels, weight = _inputs()
     fused = _fused_means(hidden, ref_hidden, labels, weight, temperature, top_k, chunk_size)
     reference = _reference(hidden, ref_hidden, labels, weight, temperature, top_k)
-    coefficients = (0.7, 1.3, 2.1)  # distinct, so each term's gradient counts
     for got, expected in zip(fused, reference):
         torch.testing.assert_close(got, expected, rtol=RTOL_F32, atol=1e-7)
-    got_grad, = torch.autograd.grad(sum(c * t for c, t in zip(coefficients, fused)), hidden)
-    expected_grad, = torch.autograd.grad(sum(c * t for c, t in zip(coefficients, reference)), hidden)
-    torch.testing.assert_close(got_grad, expected_grad, rtol=RTOL_F32, atol=1e-7)
+    # One combined gradient: each lambda pair (one term at a time, then all) must give the
+    # gradient of CE + lambda_c KL + lambda_d (-H), so each term's own gradient is checked.
+    for lambdas in ((0.0, 0.0), (1.3, 0.0), (0.0, 2.1), (1.3, 2.1)):
+        objective = _fused(hidden, ref_hidden, labels, weight, temperature, top_k, chunk_size, lambdas).objective
+        ce, kl, neg_entropy = reference
+        torch.testing.assert_close(objective, ce + lambdas[0] * kl + lambdas[1] * neg_entropy,
+                                   rtol=RTOL_F32, atol=1e-7)
+        got_grad, = torch.autograd.grad(objective, hidden)
+        expected_grad, = torch.autograd.grad(ce + lambdas[0] * kl + lambdas[1] * neg_entropy, hidden,
+                                             retain_graph=True)
+        torch.testing.assert_close(got_grad, expected_grad, rtol=RTOL_F32, atol=1e-7)
 
 
 def test_fused_with_bf16_hidden_states():
@@ -66,19 +77,51 @@ def test_fused_with_bf16_hidden_states():
     for got, expected in zip(fused, reference):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, expected, rtol=RTOL_BF16, atol=1e-5)
-    got_grad, = torch.autograd.grad(sum(fused), hidden)
+    objective = _fused(hidden, ref_hidden, labels, weight, chunk_size=4, lambdas=(1.0, 1.0)).objective
+    got_grad, = torch.autograd.grad(objective, hidden)
     assert got_grad.dtype == torch.bfloat16 and torch.isfinite(got_grad).all()
 
 
 def test_all_ignored_batch_gives_zero_and_a_graph():
     hidden, ref_hidden, labels, weight = _inputs()
     labels[:] = -100
-    sums = fused_sums(hidden, ref_hidden, labels, weight)
-    assert sums.count == 0
-    for value in (sums.cross_entropy, sums.consistency, sums.neg_entropy):
+    losses = _fused(hidden, ref_hidden, labels, weight, lambdas=(1.0, 1.0))
+    assert losses.count == 0
+    for value in (losses.objective, losses.cross_entropy, losses.consistency, losses.neg_entropy):
         assert value.item() == 0.0
-    grad, = torch.autograd.grad(sums.cross_entropy + sums.consistency, hidden)
+    grad, = torch.autograd.grad(losses.objective, hidden)
     assert torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize("fault", ["inf", "nan", "overflow"])
+def test_a_faulty_reference_drops_the_consistency_exactly(fault):
+    """Non-finite reference rows, or rows whose logits could overflow the head's dtype:
+    the term is dropped on the device (no host sync), with exactly the gradient of lambda_c = 0."""
+    hidden, ref_hidden, labels, weight = _inputs()
+    ref_hidden = ref_hidden.clone()
+    ref_hidden[0, 6, 2] = {"inf": float("inf"), "nan": float("nan"), "overflow": 3e38}[fault]
+    faulty = _fused(hidden, ref_hidden, labels, weight, chunk_size=5, lambdas=(1.3, 2.1))
+    without = _fused(hidden, ref_hidden, labels, weight, chunk_size=5, lambdas=(0.0, 2.1))
+    assert not faulty.consistency_kept and faulty.diversity_kept
+    torch.testing.assert_close(faulty.objective, without.objective, rtol=0, atol=0)
+    got, = torch.autograd.grad(faulty.objective, hidden)
+    expected, = torch.autograd.grad(without.objective, hidden)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_fault_in_an_ignored_position_changes_nothing():
+    hidden, ref_hidden, labels, weight = _inputs()
+    clean = _fused(hidden, ref_hidden, labels, weight, lambdas=(1.3, 2.1))
+    ref_hidden, hidden_data = ref_hidden.clone(), hidden.detach().clone()
+    ref_hidden[0, 1] = float("nan")  # labels[0, 2] is ignored: position 1 is not scored
+    hidden_data[1, 8] = float("inf")  # labels[1, 9] is ignored
+    faulty_hidden = hidden_data.requires_grad_()
+    faulty = _fused(faulty_hidden, ref_hidden, labels, weight, lambdas=(1.3, 2.1))
+    assert faulty.consistency_kept and faulty.diversity_kept
+    torch.testing.assert_close(faulty.objective, clean.objective, rtol=0, atol=0)
+    got, = torch.autograd.grad(faulty.objective, faulty_hidden)
+    assert torch.isfinite(got).all() and not got[1, 8].any()
 
 
 @pytest.mark.parametrize(("k", "norm"), [(3, "frobenius"), (2, "nuclear"), (100, "frobenius")])

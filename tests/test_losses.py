@@ -471,9 +471,11 @@ def test_non_finite_reference_skipped_and_counted(logits, ref_logits, labels):
     assert (0, 0) in _positions(labels)
     terms = plain_regularizer_terms(logits, bad_ref, labels, _config(), ALL_ON)
     assert terms.skipped == {"consistency": 1}
-    assert set(terms.values) == {"diversity", "svd"}
-    for value in terms.values.values():
-        assert torch.isfinite(value)
+    assert not torch.isfinite(terms.values["consistency"])  # kept for its flag, never in the loss
+    for name in ("diversity", "svd"):
+        assert torch.isfinite(terms.values[name])
+    expected = ALL_ON.diversity * terms.values["diversity"] + ALL_ON.svd * terms.values["svd"]
+    _close(terms.weighted_sum(ALL_ON), expected.item())
 
 
 def test_non_finite_logits_skipped_and_counted(logits, ref_logits, labels):
@@ -483,7 +485,7 @@ def test_non_finite_logits_skipped_and_counted(logits, ref_logits, labels):
     config = _config(lambda_consistency=0.0, lambda_svd=0.0)
     terms = plain_regularizer_terms(bad, ref_logits, labels, config, ALL_ON)
     assert terms.skipped == {"diversity": 1}
-    assert terms.values == {}
+    assert terms.weighted_sum(ALL_ON) == 0
 
 
 def test_non_finite_at_unscored_position_is_harmless(logits, ref_logits, labels):

@@ -76,11 +76,11 @@ def _fused_terms(model, inputs, labels):
         with model.disable_adapter():
             ref_hidden = final_hidden_states(model, model, inputs)
         weight = model.get_base_model().get_output_embeddings().weight
-        task, terms = fused_regularizer_terms(
+        fused = fused_regularizer_terms(
             hidden, ref_hidden, labels, weight, lambda: LmHeadFactor()(weight), CONFIG,
             lambdas_at(CONFIG, 0, 1),
         )
-    return {"task": task, **terms.values}
+    return {"task": fused.task, **fused.terms.values}
 
 
 @pytest.mark.parametrize("path", [_plain_terms, _fused_terms], ids=["plain", "fused"])

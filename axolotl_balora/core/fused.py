@@ -24,146 +24,209 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .losses import IGNORE_INDEX
+from .losses import IGNORE_INDEX, svd_ratio_rows
 
 
 @dataclass
-class FusedSums:
-    """Per-micro-batch sums over the scored positions (divide by `count` for means)."""
+class FusedLosses:
+    """One micro-batch's fused losses; everything stays on the device (no host sync).
 
+    `objective` is the only differentiable output: mean CE + lambda_consistency
+    * mean KL + lambda_diversity * mean(-H) over the kept terms. The others are
+    detached values for the logs; `*_kept` say whether a term entered the loss.
+    """
+
+    objective: torch.Tensor
     cross_entropy: torch.Tensor
     consistency: torch.Tensor | None
     neg_entropy: torch.Tensor | None
-    count: int
+    consistency_kept: torch.Tensor | None
+    diversity_kept: torch.Tensor | None
+    count: torch.Tensor
 
 
-def scored_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden rows h_t, next-token targets) for the positions the causal-LM loss scores."""
-    targets = labels[..., 1:]
+def scored_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows h_t [N, hidden], next-token targets [N], scored mask [N]) over every position t < seq - 1.
+
+    Every position is kept, the ignored ones zeroed and masked, instead of being
+    gathered with a boolean index: that gather has a data-dependent size, which
+    the host must read (a sync per micro-batch). The cost is computing the
+    ignored rows too, as the model's own lm_head and Liger's fused losses do.
+    """
+    targets = labels[..., 1:].reshape(-1)
     mask = targets != IGNORE_INDEX
-    return hidden[..., :-1, :][mask], targets[mask]
+    rows = hidden[..., :-1, :].reshape(-1, hidden.shape[-1])
+    rows = torch.where(mask[:, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    return rows, torch.where(mask, targets, torch.zeros_like(targets)), mask
 
 
-def _chunk_sums_and_grads(
-    rows: torch.Tensor,
-    ref_rows: torch.Tensor | None,
-    targets: torch.Tensor,
-    weight: torch.Tensor,
-    temperature: float,
-    top_k: int | None,
-):
-    """Sums of CE / KL / -H over one chunk and their gradients w.r.t. the chunk's logits.
+# Largest |logit| the fused math admits: below half the head dtype's range (the
+# matmul's rounding) and small enough that float32 sums over any batch stay finite.
+_LOGIT_LIMIT = 2.0**60
 
-    The matmul runs in the lm_head's dtype, as the model's own lm_head does;
+
+def logits_are_safe(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Device bool: `rows @ weight.T` is finite and every term computed from it is too.
+
+    |h . w_v| <= ||h|| ||w_v|| (Cauchy-Schwarz), so finite rows under this bound
+    cannot overflow the head's dtype; finite logits give finite log-softmax,
+    KL, entropy and their gradients. A false answer is conservative (the rows
+    may still be fine), never the other way round.
+    """
+    limit = min(torch.finfo(weight.dtype).max / 2, _LOGIT_LIMIT)
+    row_norm = torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32).max()
+    weight_norm = torch.linalg.vector_norm(weight, dim=-1, dtype=torch.float32).max()
+    return torch.isfinite(rows).all() & (row_norm * weight_norm < limit)
+
+
+def _row_dot(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """sum_v left[i, v] * right[i, v] without a [rows, vocab] temporary."""
+    return torch.bmm(left[:, None, :], right[:, :, None]).view(-1)
+
+
+def _chunk_values_and_gradient(rows, ref_rows, targets, weight, temperature, top_k, coefficients, entropy_gate):
+    """Per-row CE / KL / -H of one chunk and d(objective)/d(logits), one [rows, vocab] gradient.
+
+    coefficients = (lambda_consistency, lambda_diversity) for the objective
+    CE + lambda_c KL + lambda_d (-H); `entropy_gate` (a device 0/1) switches
+    the entropy's gradient off when its input failed the safety check. The
+    matmul runs in the lm_head's dtype, as the model's own lm_head does;
     everything after it in float32.
     """
-    logits = (rows.to(weight.dtype) @ weight.T).float()
-    log_probs = F.log_softmax(logits, dim=-1)
-    probs = log_probs.exp()
-    ce = -log_probs.gather(-1, targets[:, None]).sum()
-    grad_ce = probs
-    grad_ce.scatter_add_(-1, targets[:, None], -torch.ones_like(targets[:, None], dtype=probs.dtype))
+    lambda_consistency, lambda_diversity = coefficients
+    logits = (rows @ weight.T).float()
+    log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
+    ce = log_normalizer.view(-1) - logits.gather(-1, targets[:, None]).view(-1)
+    gradient = torch.sub(logits, log_normalizer).exp_()  # softmax(z): dCE/dz before the one-hot
+    gradient.scatter_add_(-1, targets[:, None], torch.full_like(targets[:, None], -1, dtype=gradient.dtype))
 
-    kl = grad_kl = None
+    kl = None
     if ref_rows is not None:
-        ref_logits = (ref_rows.to(weight.dtype) @ weight.T).float()
-        ref_log_probs = F.log_softmax(ref_logits / temperature, dim=-1)
-        model_log_probs = F.log_softmax(logits / temperature, dim=-1)
+        # KL(p_ref || q) with q = softmax(z/T): T^2 (sum_v p_ref (log p_ref - log q)).
+        ref_log_probs = (ref_rows @ weight.T).float().div_(temperature)
+        ref_log_probs.sub_(torch.logsumexp(ref_log_probs, dim=-1, keepdim=True))
         ref_probs = ref_log_probs.exp()
-        kl = temperature**2 * (ref_probs * (ref_log_probs - model_log_probs)).sum()
-        grad_kl = temperature * (model_log_probs.exp() - ref_probs)
-        del ref_log_probs, model_log_probs, ref_probs
+        model_log_probs = logits / temperature
+        model_log_probs.sub_(torch.logsumexp(model_log_probs, dim=-1, keepdim=True))
+        kl = temperature**2 * _row_dot(ref_probs, ref_log_probs.sub_(model_log_probs))
+        del ref_log_probs
+        if lambda_consistency:  # dKL/dz = T (q - p_ref)
+            model_probs = model_log_probs.exp_()
+            gradient.add_(model_probs.sub_(ref_probs), alpha=lambda_consistency * temperature)
+        del model_log_probs, ref_probs
 
-    neg_entropy = grad_neg_entropy = None
+    neg_entropy = None
     if top_k is not None:
-        if 0 < top_k < logits.shape[-1]:
-            top_values, top_indices = logits.topk(top_k, dim=-1)
-        else:
-            top_values, top_indices = logits, None
+        top_values, top_indices = logits.topk(top_k, dim=-1) if 0 < top_k < logits.shape[-1] else (logits, None)
         top_log_probs = F.log_softmax(top_values, dim=-1)
         top_probs = top_log_probs.exp()
         entropy = -(top_probs * top_log_probs).sum(-1, keepdim=True)
-        neg_entropy = -entropy.sum()
-        grad_top = top_probs * (top_log_probs + entropy)
-        if top_indices is None:
-            grad_neg_entropy = grad_top
-        else:
-            grad_neg_entropy = torch.zeros_like(logits).scatter_(-1, top_indices, grad_top)
-    return (ce, kl, neg_entropy), (grad_ce, grad_kl, grad_neg_entropy)
+        neg_entropy = -entropy.view(-1)
+        if lambda_diversity:  # d(-H)/dz_K = pi (log pi + H), 0 outside the top K
+            entropy_gradient = top_probs.mul_(top_log_probs.add_(entropy)).mul_(lambda_diversity * entropy_gate)
+            if top_indices is None:
+                gradient.add_(entropy_gradient)
+            else:
+                gradient.scatter_add_(-1, top_indices, entropy_gradient)
+    return (ce, kl, neg_entropy), gradient
 
 
-class _FusedLosses(torch.autograd.Function):
-    """Returns the three sums; keeps only per-term [rows, hidden] gradients for backward.
+class _FusedObjective(torch.autograd.Function):
+    """Sum over scored rows of CE + lambda_c KL + lambda_d (-H); keeps one [rows, hidden] gradient.
 
-    A sum left out of the loss (a skipped term, a scheduled lambda of 0) gets
-    no incoming gradient (None, not zeros): its saved gradient is never
-    touched, so a NaN in it (say, an overflowed reference) cannot leak in as 0 * NaN.
+    The three terms' logit gradients are added (with their lambdas) before the
+    one matmul with the head, so backward costs one head matmul per chunk, not
+    one per term. A term's lambda must therefore be known, and its skip
+    decided, before the loop: the trainer passes the lambdas of this step, and
+    a term whose input fails `logits_are_safe` is switched off on the device
+    (the consistency by comparing the trained rows with themselves, which is
+    exactly 0 with exactly 0 gradient; the entropy by a 0 gate).
+    Returns (objective sum, CE sum, KL sum, -H sum, consistency kept, diversity kept).
     """
 
     @staticmethod
-    def forward(ctx, rows, ref_rows, targets, weight, temperature, top_k, chunk_size):
-        ctx.set_materialize_grads(False)
+    def forward(ctx, rows, ref_rows, targets, mask, weight, temperature, top_k, coefficients, chunk_size):
+        lambda_consistency, lambda_diversity = coefficients
+        input_dtype = rows.dtype
+        rows = rows.to(weight.dtype)
+        rows_safe = logits_are_safe(rows, weight)
+        consistency_kept = diversity_kept = None
+        if ref_rows is not None:
+            ref_rows = ref_rows.to(weight.dtype)
+            consistency_kept = rows_safe & logits_are_safe(ref_rows, weight)
+            ref_rows = torch.where(consistency_kept, ref_rows, rows)
+        if top_k is not None:
+            diversity_kept = rows_safe
+        entropy_gate = rows_safe.float()
+        scale = mask.to(torch.float32)
         sums = [rows.new_zeros((), dtype=torch.float32) for _ in range(3)]
-        grads = [torch.zeros(rows.shape, dtype=torch.float32, device=rows.device) for _ in range(3)]
+        grad_rows = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
         for start in range(0, rows.shape[0], chunk_size):
             chunk = slice(start, start + chunk_size)
-            values, logit_grads = _chunk_sums_and_grads(
-                rows[chunk],
-                None if ref_rows is None else ref_rows[chunk],
-                targets[chunk],
-                weight,
-                temperature,
-                top_k,
+            values, logit_gradient = _chunk_values_and_gradient(
+                rows[chunk], None if ref_rows is None else ref_rows[chunk], targets[chunk], weight,
+                temperature, top_k, coefficients, entropy_gate,
             )
-            for index, (value, logit_grad) in enumerate(zip(values, logit_grads)):
+            for index, value in enumerate(values):
                 if value is not None:
-                    sums[index] = sums[index] + value
-                    grads[index][chunk] = (logit_grad.to(weight.dtype) @ weight).float()
-        ctx.save_for_backward(*grads)
-        ctx.input_dtype = rows.dtype
-        return tuple(sums)
+                    sums[index] = sums[index] + (value * scale[chunk]).sum()
+            grad_rows[chunk] = (logit_gradient.to(weight.dtype) @ weight).float() * scale[chunk, None]
+        ce, kl, neg_entropy = sums
+        if consistency_kept is not None:
+            consistency_kept = consistency_kept & torch.isfinite(kl)
+        if diversity_kept is not None:
+            diversity_kept = diversity_kept & torch.isfinite(neg_entropy)
+        objective = ce.clone()  # its own tensor: the logged sums are marked non-differentiable
+        for kept, value, weight_of_term in ((consistency_kept, kl, lambda_consistency),
+                                            (diversity_kept, neg_entropy, lambda_diversity)):
+            if kept is not None and weight_of_term:
+                objective = objective + weight_of_term * torch.where(kept, value, torch.zeros_like(value))
+        ctx.save_for_backward(grad_rows)
+        ctx.input_dtype = input_dtype
+        outputs = (objective, ce, kl, neg_entropy, consistency_kept, diversity_kept)
+        ctx.mark_non_differentiable(*(output for output in outputs[1:] if output is not None))
+        return outputs
 
     @staticmethod
-    def backward(ctx, *incoming):
-        grad_rows = None
-        for grad_sum, grad_of_rows in zip(incoming, ctx.saved_tensors):
-            if grad_sum is not None:
-                term = grad_sum * grad_of_rows
-                grad_rows = term if grad_rows is None else grad_rows + term
-        if grad_rows is not None:
-            grad_rows = grad_rows.to(ctx.input_dtype)
-        return grad_rows, None, None, None, None, None, None
+    def backward(ctx, grad_objective, *_unused):
+        (grad_rows,) = ctx.saved_tensors
+        return (grad_objective * grad_rows).to(ctx.input_dtype), *(None,) * 8
 
 
-def fused_sums(
+def fused_losses(
     hidden: torch.Tensor,
     ref_hidden: torch.Tensor | None,
     labels: torch.Tensor,
     weight: torch.Tensor,
     temperature: float = 2.0,
     top_k: int | None = 20,
+    lambda_consistency: float = 0.0,
+    lambda_diversity: float = 0.0,
     chunk_size: int = 256,
-) -> FusedSums:
-    """CE, consistency and negative top-k entropy sums over the scored positions.
+) -> FusedLosses:
+    """Mean CE, consistency and negative top-k entropy over the scored positions, and their objective.
 
     `hidden`/`ref_hidden`: final hidden states [batch, seq, hidden] (the inputs
     of the frozen `weight` = lm_head.weight, no bias, no softcap);
     `ref_hidden=None` skips the consistency term, `top_k=None` the entropy term.
+    The lambdas weight the terms in `objective` (0: computed for the logs only).
     """
-    rows, targets = scored_rows(hidden, labels)
-    ref_rows = None if ref_hidden is None else scored_rows(ref_hidden.detach(), labels)[0]
-    weight = weight.detach()
-    if rows.shape[0] == 0:
-        zero = hidden[..., :0].sum().float()  # 0, still in the graph, never NaN
-        return FusedSums(zero, None if ref_rows is None else zero, None if top_k is None else zero, 0)
-    ce, kl, neg_entropy = _FusedLosses.apply(
-        rows, ref_rows, targets, weight, temperature, top_k, chunk_size
+    rows, targets, mask = scored_positions(hidden, labels)
+    ref_rows = None if ref_hidden is None else scored_positions(ref_hidden.detach(), labels)[0]
+    objective, ce, kl, neg_entropy, consistency_kept, diversity_kept = _FusedObjective.apply(
+        rows, ref_rows, targets, mask, weight.detach(), temperature, top_k,
+        (lambda_consistency, lambda_diversity), chunk_size,
     )
-    return FusedSums(
-        cross_entropy=ce,
-        consistency=None if ref_rows is None else kl,
-        neg_entropy=None if top_k is None else neg_entropy,
-        count=rows.shape[0],
+    count = mask.sum()
+    denominator = count.clamp_min(1).to(torch.float32)
+    return FusedLosses(
+        objective=objective / denominator,
+        cross_entropy=ce / denominator,
+        consistency=None if kl is None else kl / denominator,
+        neg_entropy=None if neg_entropy is None else neg_entropy / denominator,
+        consistency_kept=consistency_kept,
+        diversity_kept=diversity_kept,
+        count=count,
     )
 
 
@@ -186,13 +249,10 @@ def svd_ratio_from_hidden(
     hidden: torch.Tensor, labels: torch.Tensor, r_factor: torch.Tensor, k: int = 10,
     norm: str = "frobenius",
 ) -> torch.Tensor:
-    """L_SVDR of Z = H W^T computed exactly from H R^T (|M| x hidden), W = Q R."""
-    rows, _ = scored_rows(hidden, labels)
-    if rows.shape[0] == 0:
-        return hidden[..., :0].sum().float()
-    projected = rows.float() @ r_factor.T
-    singular_values = torch.linalg.svdvals(projected)
-    denominator = singular_values.sum() if norm == "nuclear" else torch.linalg.norm(projected)
-    if denominator.item() == 0.0:
-        return hidden[..., :0].sum().float()
-    return -singular_values[:k].sum() / denominator
+    """L_SVDR of Z = H W^T computed exactly from H R^T, W = Q R.
+
+    The ignored positions enter as zero rows, which change neither the
+    singular values nor the norm (and need no data-dependent gather).
+    """
+    rows, _, _ = scored_positions(hidden, labels)
+    return svd_ratio_rows(rows.float() @ r_factor.T, k, norm)

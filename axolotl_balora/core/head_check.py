@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 
-from .fused import fused_sums
+from .fused import fused_losses
 from .hidden_states import recorded_output
 from .losses import IGNORE_INDEX
 from .model_inputs import replayed_random_state
@@ -137,10 +137,10 @@ def _run_loss_check(model: nn.Module, peft_model: PeftModel, model_inputs: dict,
     loss = getattr(output, "loss", None)
     if loss is None or hidden is None:
         return float("inf")
-    sums = fused_sums(hidden, None, short_labels, weight, top_k=None)
-    if sums.count == 0:
+    losses = fused_losses(hidden, None, short_labels, weight, top_k=None)
+    if losses.count == 0:
         return 0.0
-    return _error((loss.float() - sums.cross_entropy / sums.count).abs() / loss.float().abs().clamp_min(1.0))
+    return _error((loss.float() - losses.cross_entropy).abs() / loss.float().abs().clamp_min(1.0))
 
 
 def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:

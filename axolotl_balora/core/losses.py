@@ -98,6 +98,7 @@ def svd_ratio_rows(rows: torch.Tensor, k: int, norm: str) -> torch.Tensor:
         return _zero_like(rows)
     singular_values = torch.linalg.svdvals(rows)
     denominator = singular_values.sum() if norm == "nuclear" else torch.linalg.norm(rows)
-    if denominator.item() == 0.0:
-        return _zero_like(rows)
-    return -singular_values[:k].sum() / denominator
+    # A zero matrix gives 0 (not 0/0), decided on the device: no host sync.
+    nonzero = denominator > 0
+    ratio = -singular_values[:k].sum() / torch.where(nonzero, denominator, torch.ones_like(denominator))
+    return torch.where(nonzero, ratio, torch.zeros_like(ratio))

@@ -17,7 +17,7 @@ import torch
 
 from .classification import feature_consistency, logit_decorrelation, logit_svd_ratio
 from .config import BALoRAConfig
-from .fused import fused_sums, svd_ratio_from_hidden
+from .fused import fused_losses, svd_ratio_from_hidden
 from .losses import consistency_kl, diversity_entropy, svd_ratio
 from .schedules import Lambdas
 
@@ -28,43 +28,87 @@ TERM_NAMES = ("consistency", "diversity", "svd")
 
 @dataclass
 class RegularizerTerms:
-    """Each term of one micro-batch (absent = off or skipped) and how many were skipped."""
+    """Each computed term of one micro-batch and whether it entered the loss, on the device.
+
+    A term is dropped (skipped) when its value is not finite or its SVD
+    failed. That decision stays a device bool in `kept`: no host sync, no
+    Python branch on a value. `values` holds every computed term, a dropped
+    one included (a failed SVD has no value).
+    """
 
     values: dict[str, torch.Tensor] = field(default_factory=dict)
-    skipped: dict[str, int] = field(default_factory=dict)
+    kept: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def weighted_sum(self, lambdas: Lambdas) -> torch.Tensor | float:
+        """sum of lambda * value over the kept terms; a dropped term adds exactly 0, gradient included."""
         total: torch.Tensor | float = 0.0
         for name, value in self.values.items():
             weight = getattr(lambdas, name)
             if weight > 0:
-                total = total + weight * value
+                total = total + weight * torch.where(self.kept[name], value, torch.zeros_like(value))
         return total
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """{name: 1} for each dropped term. Reads the device flags (a host sync): tests and debugging only."""
+        return {name: 1 for name, kept in self.kept.items() if not bool(kept)}
+
+
+class _GradientGate(torch.autograd.Function):
+    """Identity forward; backward passes the gradient only if the term turned out kept.
+
+    `torch.where` in the loss stops a dropped term's value, but backward would
+    still run through that term's graph with a zero incoming gradient, and
+    0 * NaN (a NaN reference, a failed SVD) is NaN. Gating each input of the
+    term replaces whatever comes back with exact zeros.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor, gate):
+        ctx.gate = gate
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.where(ctx.gate.kept, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None
+
+
+class _TermGate:
+    """Wraps a term's inputs; `kept` is set once the term's value is known."""
+
+    def __init__(self) -> None:
+        self.kept: torch.Tensor | None = None
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return _GradientGate.apply(tensor, self) if tensor.requires_grad else tensor
+
+
+TermComputation = Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
 
 
 def _evaluate(
-    name: str, compute: Callable[[], torch.Tensor], with_grad: bool, terms: RegularizerTerms
+    name: str, compute: TermComputation, with_grad: bool, terms: RegularizerTerms, device: torch.device
 ) -> None:
-    """Run one term; a failed SVD or a non-finite value is skipped and counted, never raised."""
+    """Run one term (its differentiable inputs through a gate); record its value and kept flag."""
+    gate = _TermGate()
     grad_context = contextlib.nullcontext() if with_grad else torch.no_grad()
     try:
         with grad_context:
-            value = compute()
+            value = compute(gate)
     except torch.linalg.LinAlgError as error:
         LOG.warning("BA-LoRA: %s term skipped for this step (SVD failed: %s)", name, error)
-        terms.skipped[name] = terms.skipped.get(name, 0) + 1
+        terms.kept[name] = torch.zeros((), dtype=torch.bool, device=device)
         return
-    if not torch.isfinite(value).all():
-        LOG.warning("BA-LoRA: %s term skipped for this step (non-finite value)", name)
-        terms.skipped[name] = terms.skipped.get(name, 0) + 1
-        return
+    gate.kept = torch.isfinite(value)
     terms.values[name] = value
+    terms.kept[name] = gate.kept
 
 
 def _evaluate_terms(
-    computations: dict[str, Callable[[], torch.Tensor] | None],
+    computations: dict[str, TermComputation | None],
     config: BALoRAConfig,
     lambdas: Lambdas,
+    device: torch.device,
 ) -> RegularizerTerms:
     """Run each term (None = no input for it, e.g. no reference) under the lambda rules.
 
@@ -75,7 +119,7 @@ def _evaluate_terms(
     terms = RegularizerTerms()
     for name, compute in computations.items():
         if compute is not None and getattr(config, f"lambda_{name}") > 0:
-            _evaluate(name, compute, getattr(lambdas, name) > 0, terms)
+            _evaluate(name, compute, getattr(lambdas, name) > 0, terms, device)
     return terms
 
 
@@ -90,13 +134,14 @@ def plain_regularizer_terms(
     return _evaluate_terms(
         {
             "consistency": None if ref_logits is None else (
-                lambda: consistency_kl(logits, ref_logits, labels, config.temperature)
+                lambda gate: consistency_kl(gate(logits), ref_logits, labels, config.temperature)
             ),
-            "diversity": lambda: diversity_entropy(logits, labels, config.diversity_top_k),
-            "svd": lambda: svd_ratio(logits, labels, config.svd_top_k, config.svd_norm),
+            "diversity": lambda gate: diversity_entropy(gate(logits), labels, config.diversity_top_k),
+            "svd": lambda gate: svd_ratio(gate(logits), labels, config.svd_top_k, config.svd_norm),
         },
         config,
         lambdas,
+        logits.device,
     )
 
 
@@ -115,13 +160,26 @@ def classification_regularizer_terms(
     has_features = features is not None and ref_features is not None
     return _evaluate_terms(
         {
-            "consistency": (lambda: feature_consistency(features, ref_features)) if has_features else None,
-            "diversity": lambda: logit_decorrelation(logits),
-            "svd": lambda: logit_svd_ratio(logits, config.svd_top_k),
+            "consistency": (
+                (lambda gate: feature_consistency(gate(features), ref_features)) if has_features else None
+            ),
+            "diversity": lambda gate: logit_decorrelation(gate(logits)),
+            "svd": lambda gate: logit_svd_ratio(gate(logits), config.svd_top_k),
         },
         config,
         lambdas,
+        logits.device,
     )
+
+
+@dataclass
+class FusedLoss:
+    """The fused path's loss: `total` = mean task CE + sum of lambda * kept term (differentiable);
+    `task` (the mean CE) and `terms` are for the logs (their weighted sum is already in `total`)."""
+
+    total: torch.Tensor
+    task: torch.Tensor
+    terms: RegularizerTerms
 
 
 def fused_regularizer_terms(
@@ -132,31 +190,34 @@ def fused_regularizer_terms(
     lm_head_r: Callable[[], torch.Tensor],
     config: BALoRAConfig,
     lambdas: Lambdas,
-) -> tuple[torch.Tensor, RegularizerTerms]:
-    """(mean task cross-entropy, terms) from final hidden states, chunk by chunk.
+) -> FusedLoss:
+    """The task loss and the terms from final hidden states, chunk by chunk.
 
     Same values and gradients as the plain path (tested), without any
-    [tokens, vocab] tensor. `lm_head_r` gives R of lm_head.weight = Q R.
+    [tokens, vocab] tensor and without a host sync. `lm_head_r` gives R of
+    lm_head.weight = Q R.
     """
-    sums = fused_sums(
+    consistency = config.lambda_consistency > 0 and ref_hidden is not None
+    diversity = config.lambda_diversity > 0
+    losses = fused_losses(
         hidden,
-        ref_hidden if config.lambda_consistency > 0 else None,
+        ref_hidden if consistency else None,
         labels,
         lm_head_weight,
         temperature=config.temperature,
-        top_k=config.diversity_top_k if config.lambda_diversity > 0 else None,
+        top_k=config.diversity_top_k if diversity else None,
+        lambda_consistency=lambdas.consistency if consistency else 0.0,
+        lambda_diversity=lambdas.diversity if diversity else 0.0,
         chunk_size=config.chunk_size,
     )
-    count = max(sums.count, 1)
     terms = _evaluate_terms(
-        {
-            "consistency": None if sums.consistency is None else (lambda: sums.consistency / count),
-            "diversity": None if sums.neg_entropy is None else (lambda: sums.neg_entropy / count),
-            "svd": lambda: svd_ratio_from_hidden(
-                hidden, labels, lm_head_r(), config.svd_top_k, config.svd_norm
-            ),
-        },
-        config,
-        lambdas,
+        {"svd": lambda gate: svd_ratio_from_hidden(
+            gate(hidden), labels, lm_head_r(), config.svd_top_k, config.svd_norm)},
+        config, lambdas, hidden.device,
     )
-    return sums.cross_entropy / count, terms
+    svd_penalty = terms.weighted_sum(lambdas)  # the other two terms are inside the objective
+    if consistency:
+        terms.values["consistency"], terms.kept["consistency"] = losses.consistency, losses.consistency_kept
+    if diversity:
+        terms.values["diversity"], terms.kept["diversity"] = losses.neg_entropy, losses.diversity_kept
+    return FusedLoss(total=losses.objective + svd_penalty, task=losses.cross_entropy, terms=terms)

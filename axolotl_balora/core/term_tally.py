@@ -8,14 +8,18 @@ every rank's micro-batches, as the Trainer's own loss is, not rank 0's alone).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .regularizers import TERM_NAMES, RegularizerTerms
 from .schedules import Lambdas
 
+LOG = logging.getLogger(__name__)
+
 
 class TermTally:
-    """Sums, counts and skips of each term since the last `reduce_and_reset`."""
+    """Sums, kept counts and skips of each term since the last `reduce_and_reset`, on the device."""
 
     def __init__(self) -> None:
         self.reset()
@@ -23,20 +27,27 @@ class TermTally:
     def reset(self) -> None:
         self.micro_batches = 0
         self._sums: dict[str, torch.Tensor] = {}
-        self._counts = dict.fromkeys(TERM_NAMES, 0)
-        self._skipped = dict.fromkeys(TERM_NAMES, 0)
+        self._counts: dict[str, torch.Tensor] = {}
+        self._skipped: dict[str, torch.Tensor] = {}
         self._lambda_sums = dict.fromkeys(TERM_NAMES, 0.0)
 
     def add(self, terms: RegularizerTerms, lambdas: Lambdas) -> None:
-        """Accumulate one micro-batch's terms (no host sync)."""
+        """Accumulate one micro-batch's terms (no host sync: a dropped term adds 0 and one skip)."""
         self.micro_batches += 1
         for name in TERM_NAMES:
+            self._lambda_sums[name] += getattr(lambdas, name)
+            if name not in terms.kept:
+                continue
+            kept = terms.kept[name]
             if name in terms.values:
                 value = terms.values[name].detach().float()
-                self._sums[name] = self._sums[name] + value if name in self._sums else value
-                self._counts[name] += 1
-            self._skipped[name] += terms.skipped.get(name, 0)
-            self._lambda_sums[name] += getattr(lambdas, name)
+                self._accumulate(self._sums, name, torch.where(kept, value, torch.zeros_like(value)))
+            self._accumulate(self._counts, name, kept.float())
+            self._accumulate(self._skipped, name, (~kept).float())
+
+    @staticmethod
+    def _accumulate(totals: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+        totals[name] = totals[name] + value if name in totals else value
 
     def reduce_and_reset(self, accelerator, device: torch.device) -> dict[str, float]:
         """The `balora/*` log entries over all ranks; every rank must call this together.
@@ -44,12 +55,10 @@ class TermTally:
         The lambdas follow the same schedule on every rank, so they need no reduction.
         """
         zero = torch.zeros((), device=device)
-        sums = torch.stack([self._sums[name].to(device) if name in self._sums else zero for name in TERM_NAMES])
-        counts = torch.tensor(
-            [self._counts[name] for name in TERM_NAMES] + [self._skipped[name] for name in TERM_NAMES],
-            dtype=sums.dtype, device=device,
-        )
-        totals = torch.cat([sums, counts])
+        totals = torch.stack([
+            totals[name].to(device) if name in totals else zero
+            for totals in (self._sums, self._counts, self._skipped) for name in TERM_NAMES
+        ])
         if accelerator.num_processes > 1:
             totals = accelerator.reduce(totals, reduction="sum")
         values = totals.tolist()  # the one host sync per log
@@ -62,5 +71,7 @@ class TermTally:
             logs[f"balora/lambda_{name}"] = self._lambda_sums[name] / self.micro_batches
             if skipped > 0:
                 logs[f"balora/skipped_{name}"] = int(skipped)
+                LOG.warning("BA-LoRA: %s term skipped in %d micro-batch(es) since the last log "
+                            "(non-finite value or failed SVD)", name, int(skipped))
         self.reset()
         return logs

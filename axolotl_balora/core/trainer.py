@@ -98,9 +98,9 @@ class BALoRATrainerMixin:
             # The parent runs once more for this one step (its side effects, such as
             # Axolotl's token count, see this batch twice).
             return self._plain_loss(model, peft_model, inputs, lambdas, weight, num_items_in_batch, return_outputs)
-        task_mean, terms = self._fused_terms(model, peft_model, model_inputs, labels, lambdas)
-        self._record(terms, lambdas)
-        return weight * (task_mean + terms.weighted_sum(lambdas))
+        fused = self._fused_terms(model, peft_model, model_inputs, labels, lambdas)
+        self._record(fused.terms, lambdas)
+        return weight * fused.total
 
     def _choose_loss_path(self, peft_model: nn.Module) -> None:
         """Pick the form and path once per model / output layer (again if either changes)."""
