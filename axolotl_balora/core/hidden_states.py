@@ -16,6 +16,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from .sharded_head import sharding_blocker
+
 
 # Config attributes by which known models scale around the output layer: Granite
 # divides the logits by `logits_scaling`, Cohere multiplies them by `logit_scale`,
@@ -43,8 +45,10 @@ def fused_path_blocker(model: PeftModel) -> str | None:
         return "the output layer has a bias"
     if lm_head.weight.requires_grad:
         return "the output layer's weight is trained"
-    if hasattr(lm_head.weight, "ds_id") or type(lm_head.weight).__name__ == "DTensor":
-        return "the output layer's weight is sharded (DeepSpeed ZeRO-3 / FSDP2) outside its forward"
+    # A weight sharded by ZeRO-3 or FSDP2 is gathered for the loss (`sharded_head`).
+    sharding = sharding_blocker(model)
+    if sharding is not None:
+        return sharding
     for config in (base.config, base.config.get_text_config()):
         if any(getattr(config, name, None) for name in SOFTCAP_ATTRIBUTES):
             return "the model soft-caps its final logits"
