@@ -13,6 +13,8 @@ acts on both sides of the comparison alike, and the random state is
 restored afterwards so the check draws nothing from the training's stream.
 A second short forward (one row, at most 64 tokens) compares the model's own
 loss with the fused cross-entropy, which catches a task loss of another form.
+Under ZeRO-3 / FSDP2 the head's weight is gathered after each check forward
+(`sharded_head`), as the fused loss gathers it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .fused import fused_losses
 from .hidden_states import recorded_output
 from .losses import IGNORE_INDEX
 from .model_inputs import replayed_random_state
+from .sharded_head import full_head_weight
 
 CHECKED_POSITIONS = 8
 LOSS_CHECK_TOKENS = 64
@@ -87,14 +90,15 @@ def _recorded_forward(model: nn.Module, peft_model: PeftModel, inputs: dict) -> 
 
 def _run_check(model: nn.Module, peft_model: PeftModel, model_inputs: dict, positions: torch.Tensor
                ) -> tuple[float, str | None, torch.dtype]:
-    weight = peft_model.get_base_model().get_output_embeddings().weight
+    dtype = peft_model.get_base_model().get_output_embeddings().weight.dtype
     output, hidden = _recorded_forward(model, peft_model, {**model_inputs, "logits_to_keep": positions})
     logits = getattr(output, "logits", None)
     if logits is None or hidden is None:
-        return float("inf"), "the check forward returned no logits or no decoder output", weight.dtype
+        return float("inf"), "the check forward returned no logits or no decoder output", dtype
     if logits.dim() != 3 or logits.shape[1] != positions.numel() or hidden.dim() != 3:
-        return float("inf"), "the model does not select logits by a logits_to_keep index tensor", weight.dtype
-    fused = (hidden[:, positions].to(weight.dtype) @ weight.T).float()
+        return float("inf"), "the model does not select logits by a logits_to_keep index tensor", dtype
+    with torch.no_grad(), full_head_weight(peft_model) as weight:  # after the forward: it reshards
+        fused = (hidden[:, positions].to(weight.dtype) @ weight.T).float()
     coarsest = max((weight.dtype, hidden.dtype, logits.dtype), key=lambda dtype: torch.finfo(dtype).eps)
     return _log_prob_error(fused, logits.float()), None, coarsest
 
@@ -130,14 +134,14 @@ def _run_loss_check(model: nn.Module, peft_model: PeftModel, model_inputs: dict,
     """
     row, window = loss_window(labels)
     short_labels = labels[row][None, window]
-    weight = peft_model.get_base_model().get_output_embeddings().weight
     output, hidden = _recorded_forward(
         model, peft_model, {**_window_inputs(model_inputs, labels, row, window), "labels": short_labels}
     )
     loss = getattr(output, "loss", None)
     if loss is None or hidden is None:
         return float("inf")
-    losses = fused_losses(hidden, None, short_labels, weight, top_k=None)
+    with torch.no_grad(), full_head_weight(peft_model) as weight:
+        losses = fused_losses(hidden, None, short_labels, weight, top_k=None)
     if losses.count == 0:
         return 0.0
     return _error((loss.float() - losses.cross_entropy).abs() / loss.float().abs().clamp_min(1.0))

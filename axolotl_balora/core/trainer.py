@@ -40,6 +40,7 @@ from .regularizers import (
     plain_regularizer_terms,
 )
 from .schedules import Lambdas, lambdas_at
+from .sharded_head import HeadFactorCache, full_head_weight, head_sharding
 from .term_tally import TermTally
 
 LOG = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class BALoRATrainerMixin:
         self._balora_fused_blocker: str | None = None
         self._balora_head_checked = False
         self._balora_lm_head_r = LmHeadFactor()
+        self._balora_head_r = HeadFactorCache(self._balora_lm_head_r, sharded=False)
 
     @property
     def balora_loss_path(self) -> str:
@@ -108,6 +110,8 @@ class BALoRATrainerMixin:
         if key == self._balora_path_key:
             return
         self._balora_path_key = key
+        sharding = head_sharding(peft_model.get_base_model().get_output_embeddings().weight)
+        self._balora_head_r = HeadFactorCache(self._balora_lm_head_r, sharded=sharding is not None)
         check_frozen_factors_active(peft_model)
         self._balora_classification = uses_classification_form(peft_model, self.balora_config.task)
         if self._balora_classification:
@@ -123,6 +127,9 @@ class BALoRATrainerMixin:
         self._balora_head_checked = False
         if blocker is not None:
             LOG.warning("BA-LoRA: regularizers from full logits (plain path): %s", blocker)
+        elif sharding is not None:
+            LOG.info("BA-LoRA: the output layer's weight is sharded (%s); the fused loss gathers it "
+                     "for each micro-batch", sharding)
 
     def _fused_head_matches(self, model, peft_model, model_inputs, labels) -> bool:
         """Check the fused path against the model's own log-probabilities on this batch (once)."""
@@ -169,11 +176,12 @@ class BALoRATrainerMixin:
             with replayed_random_state(model_inputs), torch.no_grad(), peft_model.disable_adapter():
                 ref_hidden = final_hidden_states(model, peft_model, model_inputs).detach()
         hidden = final_hidden_states(model, peft_model, model_inputs)
-        lm_head_weight = peft_model.get_base_model().get_output_embeddings().weight
-        return fused_regularizer_terms(
-            hidden, ref_hidden, labels, lm_head_weight,
-            lambda: self._balora_lm_head_r(lm_head_weight), self.balora_config, lambdas,
-        )
+        # After both forwards: under FSDP2 / ZeRO-3 this gathers the sharded head (collective).
+        with full_head_weight(peft_model) as lm_head_weight:
+            return fused_regularizer_terms(
+                hidden, ref_hidden, labels, lm_head_weight,
+                lambda: self._balora_head_r(lm_head_weight), self.balora_config, lambdas,
+            )
 
     def _classification_loss(self, model, peft_model, inputs, lambdas, num_items_in_batch):
         """(loss, outputs) of the classification form: the parent's task loss plus the terms

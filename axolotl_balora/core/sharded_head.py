@@ -1,0 +1,129 @@
+"""The output layer's full weight for the fused loss when FSDP2 or ZeRO-3 shards it.
+
+The fused loss multiplies hidden states by the whole (frozen) lm_head weight,
+which these engines keep as a shard outside the head's own forward. It is
+gathered once per micro-batch, after the model's forwards and before the loss:
+
+* FSDP2: `unshard()` of the FSDP module that owns the head's parameter (the root,
+  in the usual per-layer wrap). This is the engine's own all-gather, so the weight
+  comes in the dtype the forward uses (`MixedPrecisionPolicy.param_dtype`), and
+  the root stays unsharded until FSDP's post-backward callback reshards it. That
+  matters beyond the head: the loss reads the decoder's output, not the model's
+  logits, so the root's pre-backward hook never fires, and with
+  `reshard_after_forward` the final norm's weight would be freed storage when
+  autograd needs it (`DTensor.full_tensor()` alone crashes in backward).
+* ZeRO-3: `deepspeed.zero.GatheredParameters([weight])` around the loss; the
+  parameter is partitioned again on exit.
+
+Why per micro-batch and not one cached full copy per rank: a copy costs
+vocab x hidden for the whole run (1.05 GB per rank at Llama-3's 128,256 x 4,096 in
+bfloat16), the memory these engines are used to save, while a gather costs one
+extra all-gather of the head per micro-batch, the same collective the model's own
+forward already does for it. R of the head's QR (the SVD term) is what is cached:
+the head is frozen, so it is computed once per run (`HeadFactorCache`).
+
+Both gathers are collectives: every rank must call `full_head_weight` at the
+same point, which holds as long as every rank takes the same loss path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def head_sharding(weight: torch.Tensor) -> str | None:
+    """How the weight is sharded: "ZeRO-3", "FSDP2" (a DTensor; `sharding_blocker` checks that an
+    FSDP2 module owns it), or None for a whole tensor."""
+    if hasattr(weight, "ds_id"):
+        return "ZeRO-3"
+    if _is_dtensor(weight):
+        return "FSDP2"
+    return None
+
+
+def _fsdp_owner(root: nn.Module, head: nn.Module) -> nn.Module | None:
+    """The deepest FSDP2 module above (or at) `head`: the one whose parameter group holds its weight."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    name = next((name for name, module in root.named_modules() if module is head), None)
+    if name is None:
+        return None
+    parts = name.split(".") if name else []
+    owner = None
+    for depth in range(len(parts) + 1):
+        module = root.get_submodule(".".join(parts[:depth]))
+        if isinstance(module, FSDPModule):
+            owner = module
+    return owner
+
+
+def _output_layer(peft_model: nn.Module) -> nn.Module:
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    return base.get_output_embeddings()
+
+
+def sharding_blocker(peft_model: nn.Module) -> str | None:
+    """Why the head's sharding keeps the fused path off (None: whole, ZeRO-3 or FSDP2)."""
+    head = _output_layer(peft_model)
+    sharding = head_sharding(head.weight)
+    if sharding == "FSDP2" and _fsdp_owner(peft_model, head) is None:
+        return "the output layer's weight is a DTensor that no FSDP2 module owns (tensor parallel?)"
+    return None
+
+
+@contextlib.contextmanager
+def full_head_weight(peft_model: nn.Module) -> Iterator[torch.Tensor]:
+    """The output layer's whole weight (detached) for the duration of the block.
+
+    Call it after the model's forwards of this micro-batch (a forward inside the
+    block would reshard or release it again). Collective when the weight is sharded.
+    """
+    head = _output_layer(peft_model)
+    weight = head.weight
+    sharding = head_sharding(weight)
+    if sharding == "ZeRO-3":
+        import deepspeed  # only reached when DeepSpeed sharded the weight
+
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+            yield weight.detach()
+        return
+    if sharding == "FSDP2":
+        owner = _fsdp_owner(peft_model, head)
+        if owner is not None:
+            owner.unshard()
+        weight = head.weight  # FSDP2 swaps the module's parameter for the unsharded one
+        if _is_dtensor(weight):  # owned elsewhere (e.g. a tied weight sharded with the embedding)
+            weight = weight.full_tensor()
+    yield weight.detach()
+
+
+class HeadFactorCache:
+    """R of the full head's QR: `factor` (an `LmHeadFactor`) as is for a whole head; for a
+    sharded one, computed once, because each gather brings new storage that the factor's
+    storage-and-version key would take for a changed weight (one QR per step)."""
+
+    def __init__(self, factor: Callable[[torch.Tensor], torch.Tensor], sharded: bool):
+        self._factor = factor
+        self._sharded = sharded
+        self._r: torch.Tensor | None = None
+
+    def __call__(self, full_weight: torch.Tensor) -> torch.Tensor:
+        if not self._sharded:
+            return self._factor(full_weight)
+        if self._r is None:
+            self._r = self._factor(full_weight)
+        return self._r
