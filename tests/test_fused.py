@@ -387,3 +387,11 @@ def test_label_smoothing_keeps_the_parents_task_loss(tmp_path):
     trainer.args.label_smoothing_factor = 0.1
     _loss_and_grads(trainer, model)
     assert "label smoothing" in trainer._balora_fused_blocker
+
+
+def test_a_term_switched_off_has_no_value():
+    hidden, _, labels, weight = _inputs()
+    losses = _fused(hidden, None, labels, weight, top_k=None)
+    assert losses.consistency is None and losses.neg_entropy is None
+    assert losses.consistency_kept is None and losses.diversity_kept is None
+    torch.testing.assert_close(losses.objective, losses.cross_entropy)

@@ -198,7 +198,7 @@ class _FusedObjective(torch.autograd.Function):
                 grad_rows[chunk] = logit_gradient.to(weight.dtype) @ weight
             grad_rows[chunk] *= scale[chunk, None]
         del buffers
-        ce, kl, neg_entropy = sums
+        ce, kl, neg_entropy = sums[0], sums[1] if ref_rows is not None else None, sums[2] if top_k is not None else None
         if consistency_kept is not None:
             consistency_kept = consistency_kept & torch.isfinite(kl)
         if diversity_kept is not None:
