@@ -110,13 +110,14 @@ class BALoRATrainerMixin:
         if key == self._balora_path_key:
             return
         self._balora_path_key = key
-        sharding = head_sharding(peft_model.get_base_model().get_output_embeddings().weight)
-        self._balora_head_r = HeadFactorCache(self._balora_lm_head_r, sharded=sharding is not None)
         check_frozen_factors_active(peft_model)
         self._balora_classification = uses_classification_form(peft_model, self.balora_config.task)
         if self._balora_classification:
             LOG.info("BA-LoRA: classification form (per-example logits, pooled features)")
             return
+        head_weight = getattr(peft_model.get_base_model().get_output_embeddings(), "weight", None)
+        sharding = None if head_weight is None else head_sharding(head_weight)
+        self._balora_head_r = HeadFactorCache(self._balora_lm_head_r, sharded=sharding is not None)
         if self.balora_config.chunk_size == 0:
             blocker = "balora_chunk_size is 0"
         elif getattr(self.args, "label_smoothing_factor", 0) or getattr(self, "compute_loss_func", None):
