@@ -63,6 +63,11 @@ def train(out: Path, micro_batch: int, accumulation: int) -> None:
     trainer.train()
     if trainer.is_world_process_zero():
         model.save_pretrained(out / "adapter")
+    if dist.is_initialized():
+        # A rank that exits with the group alive can abort at exit ("terminate called
+        # without an active exception" from gloo's threads) while rank 0 still saves.
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main() -> None:
