@@ -51,8 +51,11 @@ UNSUPPORTED_WITH_BALORA = {
 
 
 # Each rank of a context-parallel group holds a slice of every sequence, so the
-# terms would be computed per slice (the SVD term over the wrong rows).
-SEQUENCE_SPLITTING_KEYS = ("context_parallel_size", "sequence_parallel_degree")
+# terms would be computed per slice (the SVD term over the wrong rows). The deprecated
+# alias comes first: axolotl 0.21 copies it into `context_parallel_size` (and its nested
+# `context_parallel: {size: N}`) before this check runs, and the message names the key
+# the user wrote.
+SEQUENCE_SPLITTING_KEYS = ("sequence_parallel_degree", "context_parallel_size", "context_parallel.size")
 
 
 def config_from_mapping(values: dict[str, Any]) -> BALoRAConfig:
@@ -93,7 +96,10 @@ def _check_compatibility(data: dict[str, Any]) -> None:
 
 def _check_sequence_splitting(data: dict[str, Any]) -> None:
     for key in SEQUENCE_SPLITTING_KEYS:
-        degree = data.get(key)
+        section, _, field = key.partition(".")
+        degree = data.get(section)
+        if field:  # axolotl 0.21's nested form
+            degree = degree.get(field) if isinstance(degree, dict) else getattr(degree, field, None)
         if isinstance(degree, int) and degree > 1:
             raise ValueError(
                 f"{key}: {degree} is not supported with adapter: {ADAPTER_NAME} (each rank would "

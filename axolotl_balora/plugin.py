@@ -8,6 +8,7 @@ that is Axolotl's own with the BA-LoRA loss mixed in.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
@@ -97,7 +98,11 @@ class BALoRAPlugin(BasePlugin):
                  cache or "off")
         peft_model = apply_balora(model, lora_config, init=cfg.balora_init, init_cache=cache)
         peft_model.print_trainable_parameters()
-        return peft_model, lora_config
+        # The factors are set: the trainable pair is not PEFT's identity init (`False`). Axolotl
+        # 0.21 re-draws every lora_A (trainable and frozen alike) after `load_adapter` when the
+        # returned config says `init_lora_weights: True` (`reinit_lora_from_seed`), which broke
+        # the cancellation at step 0; the model's own adapter configs are left as they are.
+        return peft_model, replace(lora_config, init_lora_weights=False)
 
     def get_trainer_cls(self, cfg: DictDefault) -> type[Trainer] | None:
         return BALoRATrainer if _is_balora(cfg) else None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -53,6 +55,22 @@ def test_axolotl_train_balora(tiny_llama_dir, tiny_dataset, tmp_path, sample_pac
     assert len(logs) == config["max_steps"]
     if sample_packing:
         assert "gradient checkpointing enabled" in result.stdout + result.stderr
+
+
+def test_axolotl_loads_the_plugin_by_its_entry_point_without_plugins(tiny_llama_dir, tiny_dataset, tmp_path):
+    """axolotl 0.21 registers every installed `axolotl.plugins` entry point: no `plugins:` needed.
+
+    (With `plugins:` as well it is registered under both names, which the other tests run: the
+    entry point names it exactly as users list it, so validation sees one class.)
+    """
+    integrations = importlib.import_module("axolotl.integrations.base")
+    if getattr(integrations, "PLUGIN_ENTRY_POINT_GROUP", None) != "axolotl.plugins":
+        pytest.skip(f"axolotl {importlib.metadata.version('axolotl')} does not load `axolotl.plugins` "
+                    "entry points (0.21 does); list the plugin under `plugins:`")
+    config = base_config(tiny_llama_dir, tiny_dataset, tmp_path, plugins=None, max_steps=2)
+    assert "plugins" not in config
+    logs = _assert_trained_balora(run_axolotl_train(config, tmp_path), tmp_path / "out", lora_r=4)
+    assert len(logs) == 2
 
 
 def test_axolotl_refuses_bad_balora_value(tiny_llama_dir, tiny_dataset, tmp_path):

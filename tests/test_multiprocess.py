@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 
-from axolotl_cli import base_config, run_axolotl, run_axolotl_train
+from axolotl_cli import CPU_DISTRIBUTED_DIR, base_config, run_axolotl, run_axolotl_train
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +22,12 @@ FSDP2_WORKER = Path(__file__).with_name("fsdp2_worker.py")
 TOLERANCE = 1e-6
 # Through axolotl: 4 SGD steps at lr 0.1 on the tiny model; measured 6.4e-6.
 AXOLOTL_TOLERANCE = 5e-5
+# axolotl's P2P probe for 2+ ranks, caught for a CUDA torch without a GPU (axolotl 0.21 on
+# Python 3.12); test-only, tests/cpu_distributed/sitecustomize.py.
+P2P_CHECK_ON_CPU = {
+    "BALORA_CPU_DISTRIBUTED_PATCH": "p2p",
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(CPU_DISTRIBUTED_DIR), os.environ.get("PYTHONPATH")])),
+}
 
 
 def _run(args: list[str], processes: int) -> None:
@@ -85,7 +91,7 @@ def test_axolotl_torchrun_two_ranks_matches_one_process(tiny_llama_dir, tiny_dat
     ddp_run = run_axolotl("train", ddp, tmp_path / "ddp",
                           ["--launcher", "torchrun", "--", "--nproc_per_node", "2",
                            "--master_port", "29534"],
-                          extra_env={"ACCELERATE_USE_CPU": "true"})
+                          extra_env={"ACCELERATE_USE_CPU": "true", **P2P_CHECK_ON_CPU})
     assert ddp_run.returncode == 0, (ddp_run.stdout + ddp_run.stderr)[-4000:]
     assert "balora/consistency" in ddp_run.stdout + ddp_run.stderr
     single_run = run_axolotl_train(single, tmp_path / "single")

@@ -11,6 +11,11 @@ as those modules are imported, and nothing else:
 * transformers `training_args.py`: bf16 is refused without a bf16 GPU unless
   `use_cpu`, which axolotl never sets.
 * axolotl: the device mesh and three tensors are built on a literal "cuda" device.
+* axolotl `utils/environment.py`: with more than one rank it asks torch whether two
+  CUDA devices can reach each other and catches only AssertionError, which a CPU build
+  of torch raises; a CUDA build on a machine without a GPU (the only torch for Python
+  3.12 with axolotl 0.21) raises RuntimeError ("Found no NVIDIA driver"). Caught too.
+  `BALORA_CPU_DISTRIBUTED_PATCH=p2p` applies this one alone (plain DDP on CPU ranks).
 
 A spot that is not found exactly once raises, so a changed upstream version fails
 the tests loudly instead of silently running without the patch. Never part of the
@@ -64,6 +69,12 @@ PATCHES: dict[str, list[tuple[str, str, int]]] = {
         ('torch.device("cuda")', 'torch.device("cpu")', 3),
     ],
 }
+P2P_PATCHES: dict[str, list[tuple[str, str, int]]] = {
+    "axolotl.utils.environment": [
+        ("        except AssertionError as exc:", "        except (AssertionError, RuntimeError) as exc:", 1),
+    ],
+}
+PATCHES.update(P2P_PATCHES)
 
 
 def patched_source(name: str, source: str) -> str:
@@ -97,5 +108,8 @@ class _PatchingFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
-if os.environ.get("BALORA_CPU_DISTRIBUTED_PATCH") == "1":
+_MODE = os.environ.get("BALORA_CPU_DISTRIBUTED_PATCH")
+if _MODE == "p2p":
+    PATCHES = P2P_PATCHES
+if _MODE in ("1", "p2p"):
     sys.meta_path.insert(0, _PatchingFinder())
