@@ -12,7 +12,7 @@ from axolotl_balora.core import BALoRAConfig, apply_balora
 from axolotl_balora.core.fused import LmHeadFactor, fused_losses, svd_ratio_from_hidden
 from axolotl_balora.core.hidden_states import fused_path_blocker
 from axolotl_balora.core.losses import consistency_kl, diversity_entropy, svd_ratio
-from tiny_models import perturb_trainable, VOCAB, BALoRATrainer, tiny_llama
+from tiny_models import perturb_trainable, prompted_batch, VOCAB, BALoRATrainer, tiny_llama
 
 RTOL_F32 = 1e-5
 # bf16 hidden states: both paths upcast to float32 before the matmul, so they agree closely;
@@ -158,18 +158,10 @@ def _trainer(tmp_path, model, chunk_size, without=(), **args):
     return BALoRATrainer(model=model, args=args, balora_config=config)
 
 
-def _batch():
-    generator = torch.Generator().manual_seed(9)
-    ids = torch.randint(0, VOCAB, (2, 10), generator=generator)
-    labels = ids.clone()
-    labels[0, :3] = -100
-    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
-
-
 def _loss_and_grads(trainer, model):
     model.train()
     model.zero_grad()
-    loss = trainer.compute_loss(model, _batch())
+    loss = trainer.compute_loss(model, prompted_batch())
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -272,7 +264,7 @@ def test_failed_svd_is_skipped_counted_and_task_loss_still_trains(tmp_path, monk
 
 # -- a skipped term contributes exactly zero gradient -------------------------
 
-SCORED_ROW, SCORED_POSITION, MASKED_TOKEN = 0, 4, 5  # _batch(): row 0 scores positions 3..9
+SCORED_ROW, SCORED_POSITION, MASKED_TOKEN = 0, 4, 5  # prompted_batch(): row 0 scores positions 3..9
 
 
 def _adapters_disabled(model) -> bool:
@@ -319,7 +311,7 @@ def test_a_skipped_term_contributes_exactly_zero_gradient(tmp_path, monkeypatch,
     results = []
     for without in ((), tuple(skipped)):
         model = _perturbed_model()
-        batch = _batch()
+        batch = prompted_batch()
         assert not (batch["labels"] == MASKED_TOKEN).any()
         if inject == "reference":
             _inf_in_the_reference(model)
@@ -345,7 +337,7 @@ def test_training_goes_on_through_an_overflowing_reference(tmp_path):
     model = _perturbed_model()
     _inf_in_the_reference(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    data = [{key: value[row] for key, value in _batch().items()} for row in range(2)] * 2
+    data = [{key: value[row] for key, value in prompted_batch().items()} for row in range(2)] * 2
     trainer = _trainer(tmp_path, model, chunk_size=7, max_steps=3, per_device_train_batch_size=2,
                        learning_rate=0.1, logging_steps=1, save_strategy="no")
     trainer.train_dataset = data

@@ -20,7 +20,7 @@ from axolotl_balora.core.fused import LmHeadFactor
 from axolotl_balora.core.regularizers import fused_regularizer_terms
 from axolotl_balora.core.schedules import Lambdas
 from axolotl_balora.core.term_tally import TermTally
-from tiny_models import VOCAB, BALoRATrainer, perturb_trainable, tiny_llama
+from tiny_models import VOCAB, BALoRATrainer, perturb_trainable, prompted_batch, tiny_llama
 
 aten = torch.ops.aten
 # Ops whose result the host must read: a value (item / bool / float of a tensor,
@@ -91,14 +91,6 @@ def test_the_fused_loss_its_backward_and_the_tally_never_sync(fault, monkeypatch
     assert fused.terms.skipped == expected_skips
 
 
-def _batch():
-    generator = torch.Generator().manual_seed(9)
-    ids = torch.randint(0, VOCAB, (2, 10), generator=generator)
-    labels = ids.clone()
-    labels[0, :3] = -100
-    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
-
-
 class _LossOnlySyncGuard:
     """Raise on host syncs inside the trainer's loss, but not inside the model's own forward.
 
@@ -139,9 +131,9 @@ def test_a_training_micro_step_adds_no_host_sync(tmp_path):
                           lambda_consistency=0.5, lambda_diversity=0.3, lambda_svd=0.2)
     trainer = BALoRATrainer(model=model, args=args, balora_config=config)
     model.train()
-    trainer.compute_loss(model, _batch()).backward()
+    trainer.compute_loss(model, prompted_batch()).backward()
     assert trainer.balora_loss_path.startswith("fused")
     with _LossOnlySyncGuard(model):
-        loss = trainer.compute_loss(model, _batch())
+        loss = trainer.compute_loss(model, prompted_batch())
         loss.backward()
     assert torch.isfinite(loss.detach())

@@ -44,6 +44,15 @@ def token_batch(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=generator)
 
 
+def prompted_batch() -> dict[str, torch.Tensor]:
+    """Two rows of 10 random tokens; the first three labels of row 0 are ignored (a prompt)."""
+    generator = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, VOCAB, (2, 10), generator=generator)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+
 class BALoRATrainer(BALoRATrainerMixin, Trainer):
     """The mixin on a plain transformers Trainer, as a user without Axolotl writes it."""
 
