@@ -4,13 +4,11 @@
 (`axolotl_balora.core`) works where Axolotl is not installed.
 """
 
-from typing import Any
-
 __version__ = "0.1.0"
 __all__ = ["BALoRAPlugin", "__version__"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:  # no `typing` import: this package loads at startup
     if name == "BALoRAPlugin":
         from .plugin import BALoRAPlugin
 

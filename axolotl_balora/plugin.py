@@ -16,6 +16,7 @@ from axolotl.loaders.adapter import load_lora
 from axolotl.utils.dict import DictDefault
 from transformers import PreTrainedModel, Trainer
 
+from . import plugin_names
 from .args import ADAPTER_NAME, config_from_mapping
 from .core.export import is_balora_model, save_sharded_balora_adapter
 from .core.init import apply_balora
@@ -72,6 +73,9 @@ class BALoRAPlugin(BasePlugin):
             if handler not in package_logger.handlers:
                 package_logger.addHandler(handler)
         package_logger.propagate = False
+        for name in cfg.get("plugins") or []:
+            if name in plugin_names.ALIASES:
+                LOG.info("BA-LoRA: plugins: %r read as %r", name, plugin_names.PLUGIN_NAME)
 
     def get_input_args(self) -> str:
         return "axolotl_balora.args.BALoRAArgs"

@@ -73,6 +73,18 @@ def test_axolotl_loads_the_plugin_by_its_entry_point_without_plugins(tiny_llama_
     assert len(logs) == 2
 
 
+@pytest.mark.parametrize("plugin_name", ["axolotl_balora", "axolotl_balora.plugin.BALoRAPlugin"])
+def test_axolotl_train_with_the_plugin_named_as_users_write_it(tiny_llama_dir, tiny_dataset, tmp_path, plugin_name):
+    """The bare package name (axolotl's loader alone splits it at a dot and fails) and the class's
+    module path (axolotl 0.21 alone would register it beside the entry point: duplicate base class)
+    both train BA-LoRA, through the startup hook in axolotl_balora/plugin_names.py."""
+    config = base_config(tiny_llama_dir, tiny_dataset, tmp_path, plugins=[plugin_name], max_steps=2)
+    result = run_axolotl_train(config, tmp_path)
+    logs = _assert_trained_balora(result, tmp_path / "out", lora_r=4)
+    assert len(logs) == 2
+    assert f"plugins: {plugin_name!r} read as 'axolotl_balora.BALoRAPlugin'" in result.stdout + result.stderr
+
+
 def test_axolotl_refuses_bad_balora_value(tiny_llama_dir, tiny_dataset, tmp_path):
     config = base_config(tiny_llama_dir, tiny_dataset, tmp_path, balora_temperature=0)
     result = run_axolotl_train(config, tmp_path)
