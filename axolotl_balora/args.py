@@ -141,16 +141,16 @@ def _check_zero3_save(data: dict[str, Any]) -> None:
 
 
 def _check_fsdp_loading(data: dict[str, Any]) -> None:
-    """Refuse FSDP's rank-0-only loading until the frozen factors survive it."""
+    """Rank-0-only loading is handled (and tested) for FSDP2; FSDP1 would load it another way."""
     fsdp = data.get("fsdp_config") or {}
-    if not isinstance(fsdp, dict):
+    if not isinstance(fsdp, dict) or str(data.get("fsdp_version") or fsdp.get("fsdp_version") or "") == "2":
         return
     for key in ("cpu_ram_efficient_loading", "fsdp_cpu_ram_efficient_loading"):
         if fsdp.get(key):
             raise ValueError(
-                f"fsdp_config.{key}: true is not supported with adapter: {ADAPTER_NAME} yet (axolotl's "
-                f"FSDP2 loader turns BA-LoRA's frozen factors, which are buffers, into trainable "
-                f"parameters, and gradient clipping then fails); set fsdp_config.{key}: false"
+                f"fsdp_config.{key}: true with adapter: {ADAPTER_NAME} is supported with fsdp_version: 2 "
+                f"only (FSDP1's rank-0 loading was never run with BA-LoRA's frozen factors); set "
+                f"fsdp_version: 2, or fsdp_config.{key}: false"
             )
 
 

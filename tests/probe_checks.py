@@ -88,14 +88,11 @@ def assert_factors_match_unsharded(probe: Path, model_dir: Path, state_dir: Path
             assert torch.allclose(ranks[0][name], value, rtol=0, atol=1e-5 * value.abs().max()), name
 
 
-def assert_saved_adapters_reproduce_the_run(workdir: Path, model_dir: Path, tmp_path: Path, lora_r: int,
-                                            checkpoints: bool = True) -> None:
-    """checkpoint-2 (if `checkpoints`) and the final output_dir, loaded by vanilla PEFT,
-    give the run's own logits."""
+def assert_saved_adapters_reproduce_the_run(workdir: Path, model_dir: Path, tmp_path: Path, lora_r: int) -> None:
+    """checkpoint-2 and the final output_dir, loaded by vanilla PEFT, give the run's own logits."""
     out, probe = workdir / "out", workdir / "probe"
     tokens = probe_tokens(AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size)
-    saved = [(out / "checkpoint-2", probe / "logits_step2.pt")] if checkpoints else []
-    for adapter_dir, trained in [*saved, (out, probe / "logits_end.pt")]:
+    for adapter_dir, trained in [(out / "checkpoint-2", probe / "logits_step2.pt"), (out, probe / "logits_end.pt")]:
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
         assert config["r"] == 2 * lora_r, adapter_dir
         assert (adapter_dir / "balora_state" / "balora.json").is_file(), adapter_dir

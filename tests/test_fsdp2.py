@@ -12,7 +12,14 @@ import safetensors.torch
 import torch
 
 from axolotl_cli import base_config, resume_after_step2, run_axolotl_on_cpu_ranks, training_logs
-from probe_checks import FLOAT32, PROBE, assert_factors_match_unsharded, assert_saved_adapters_reproduce_the_run, ok
+from probe_checks import (
+    FLOAT32,
+    PROBE,
+    assert_factors_match_unsharded,
+    assert_saved_adapters_reproduce_the_run,
+    ok,
+    pretrained_logits,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +27,7 @@ pytestmark = pytest.mark.slow
 RESUME_TOLERANCE = 1e-5
 
 
-def fsdp2_config(state_dict_type: str) -> dict:
+def fsdp2_config(state_dict_type: str, **fsdp_options) -> dict:
     return {
         "fsdp_version": 2,
         "fsdp_config": {
@@ -29,6 +36,7 @@ def fsdp2_config(state_dict_type: str) -> dict:
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
             "reshard_after_forward": True,
+            **fsdp_options,
         },
     }
 
@@ -57,13 +65,9 @@ def test_fsdp2_final_adapter_is_the_standard_export(uninterrupted, tiny_llama_di
     begin = torch.load(workdir / "probe" / "logits_begin.pt")
     assert begin["engine"].startswith("FSDP") and begin["dtypes"] == ["torch.float32"]
     assert_factors_match_unsharded(workdir / "probe", tiny_llama_dir, workdir / "out" / "balora_state", exact=True)
-    if uninterrupted["state_dict_type"] == "FULL_STATE_DICT":
-        assert_saved_adapters_reproduce_the_run(workdir, tiny_llama_dir, tmp_path,
-                                                lora_r=uninterrupted["config"]["lora_r"])
-    else:  # sharded checkpoints hold DCP shards only (docs/compatibility.md); the final adapter is whole
+    if uninterrupted["state_dict_type"] == "SHARDED_STATE_DICT":  # the export besides the DCP shards
         assert (workdir / "out" / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()
-        assert_saved_adapters_reproduce_the_run(workdir, tiny_llama_dir, tmp_path,
-                                                lora_r=uninterrupted["config"]["lora_r"], checkpoints=False)
+    assert_saved_adapters_reproduce_the_run(workdir, tiny_llama_dir, tmp_path, lora_r=uninterrupted["config"]["lora_r"])
     assert "saving the FSDP2 final adapter" in uninterrupted["text"]
     for rank in (0, 1):  # the ranks split the 14 target layers and share the factors
         assert f"rank {rank} of 2 took 7 of 14 layers" in uninterrupted["text"]
@@ -97,3 +101,28 @@ def test_fsdp2_resumed_run_ends_with_the_uninterrupted_adapter(uninterrupted, tm
     got = safetensors.torch.load_file(output / "adapter_model.safetensors")
     assert expected.keys() == got.keys()
     assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= RESUME_TOLERANCE
+
+
+def test_fsdp2_rank0_loading_keeps_the_frozen_factors_frozen(tiny_llama_dir, tiny_dataset, tmp_path):
+    """`cpu_ram_efficient_loading: true`: only rank 0 reads the checkpoint (rank 1 holds meta
+    tensors until axolotl broadcasts rank 0's state dict after sharding, which re-creates every
+    buffer as a parameter that requires grad). Gradient clipping is on."""
+    config = base_config(
+        tiny_llama_dir, tiny_dataset, tmp_path, plugins=["axolotl_balora.BALoRAPlugin", PROBE],
+        balora_init="pissa", gradient_accumulation_steps=1, save_strategy="steps", save_steps=2,
+        max_grad_norm=1.0, **fsdp2_config("FULL_STATE_DICT", cpu_ram_efficient_loading=True), **FLOAT32,
+    )
+    text = ok(fsdp2_run(config, tmp_path))
+    assert "rank 0 of 2 took 14 of 14 layers" in text and "rank 1 of 2 took 0 of 14 layers" in text
+    assert "28 frozen factors came back from the engine's loading as parameters; kept as buffers" in text
+    probe = tmp_path / "probe"
+    # buffers again on both ranks, bit-identical, equal to one process's factors of the real weights
+    assert_factors_match_unsharded(probe, tiny_llama_dir, tmp_path / "out" / "balora_state", exact=True)
+    begin = torch.load(probe / "logits_begin.pt")
+    assert begin["dtypes"] == ["torch.float32"]
+    assert torch.equal(begin["off"], pretrained_logits(tiny_llama_dir, probe))
+    assert (begin["on"] - begin["off"]).abs().max() <= 1e-6 * begin["off"].abs().max()
+    logs = training_logs(text)
+    assert len(logs) == config["max_steps"] and abs(logs[0]["balora/consistency"]) < 1e-4
+    assert all(0 < log["grad_norm"] < float("inf") for log in logs)
+    assert_saved_adapters_reproduce_the_run(tmp_path, tiny_llama_dir, tmp_path / "reload", lora_r=config["lora_r"])

@@ -147,6 +147,15 @@ def test_lm_head_factor_is_cached_and_follows_weight_changes():
     torch.testing.assert_close(second.abs(), 2.0 * first.abs())
 
 
+def test_a_fixed_lm_head_factor_is_computed_once_for_gathered_copies():
+    """A sharded head arrives in new storage at every gather: the fixed factor keeps its first R."""
+    weight = torch.randn(40, 8)
+    factor = LmHeadFactor(fixed=True)
+    first = factor(weight)
+    assert factor(weight.clone()) is first
+    torch.testing.assert_close(first, LmHeadFactor()(weight))
+
+
 LAMBDAS = {"consistency": 0.5, "diversity": 0.3, "svd": 0.2}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 
-from axolotl_cli import CPU_DISTRIBUTED_DIR, base_config, run_axolotl, run_axolotl_train
+from axolotl_cli import CPU_DISTRIBUTED_DIR, base_config, free_port, run_axolotl, run_axolotl_train
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def _run_worker(worker: Path, args: list[str], processes: int) -> None:
     env = {**os.environ, "PYTHONPATH": str(worker.parent), "OMP_NUM_THREADS": "1"}
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", "29533", str(worker), *args]
+                   "--master_port", str(free_port()), str(worker), *args]
     else:
         command = [sys.executable, str(worker), *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -90,7 +90,7 @@ def test_axolotl_torchrun_two_ranks_matches_one_process(tiny_llama_dir, tiny_dat
     # Without ACCELERATE_USE_CPU the two ranks would train independently and still exit 0.
     ddp_run = run_axolotl("train", ddp, tmp_path / "ddp",
                           ["--launcher", "torchrun", "--", "--nproc_per_node", "2",
-                           "--master_port", "29534"],
+                           "--master_port", str(free_port())],
                           extra_env={"ACCELERATE_USE_CPU": "true", **P2P_CHECK_ON_CPU})
     assert ddp_run.returncode == 0, (ddp_run.stdout + ddp_run.stderr)[-4000:]
     assert "balora/consistency" in ddp_run.stdout + ddp_run.stderr

@@ -258,15 +258,20 @@ def fused_losses(
 
 
 class LmHeadFactor:
-    """R of lm_head.weight = Q R, computed once in float32 and recomputed if the weight changes."""
+    """R of lm_head.weight = Q R, in float32, recomputed if the weight changes.
 
-    def __init__(self) -> None:
+    `fixed=True` computes it once, for a sharded (frozen) head: each gather brings new storage,
+    which the storage-and-version key would take for a changed weight (one QR per step).
+    """
+
+    def __init__(self, fixed: bool = False) -> None:
+        self._fixed = fixed
         self._key: tuple[int, int, torch.device] | None = None
         self._r: torch.Tensor | None = None
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (weight.data_ptr(), weight._version, weight.device)
-        if key != self._key:
+        key = None if self._fixed else (weight.data_ptr(), weight._version, weight.device)
+        if self._r is None or key != self._key:
             self._r = torch.linalg.qr(weight.detach().float(), mode="r").R
             self._key = key
         return self._r

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import ParamWrapper
@@ -33,7 +34,14 @@ from .adapters import FROZEN_ADAPTER, TRAINABLE_ADAPTER
 from .classification import is_sequence_classifier
 from .config import parse_init
 from .export import install_standard_save
-from .pissa_factors import FactorCache, balanced_owners, compute_device, share_from_owners, world
+from .pissa_factors import (
+    FactorCache,
+    balanced_owners,
+    communication_device,
+    compute_device,
+    share_from_owners,
+    world,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -120,6 +128,25 @@ def _as_buffer(linear: nn.Linear, value: torch.Tensor) -> None:
     linear.register_buffer("weight", value)
 
 
+def restore_frozen_factor_buffers(model: nn.Module) -> int:
+    """Turn frozen factors that a loader re-created as parameters back into buffers; how many.
+
+    FSDP2's rank-0 loading (axolotl's and accelerate's `cpu_ram_efficient_loading`) broadcasts
+    the full state dict after sharding and assigns every entry, buffers included, as an
+    `nn.Parameter` that requires grad. As parameters the frozen factors would get gradients, and
+    gradient clipping fails on them (plain tensors among the sharded DTensors). The values are
+    rank 0's, so they still cancel the trainable factors exactly.
+    """
+    restored = 0
+    for _, layer in lora_layers(model):
+        for pair in (layer.lora_A, layer.lora_B):
+            frozen = pair[FROZEN_ADAPTER] if FROZEN_ADAPTER in pair else None
+            if frozen is not None and isinstance(frozen.weight, nn.Parameter):
+                _as_buffer(frozen, frozen.weight.detach())
+                restored += 1
+    return restored
+
+
 def _frozen_follow_trainable_dtype(layer: LoraLayer, args: tuple) -> None:
     """Forward pre-hook: keep the frozen factors in the trainable factors' current dtype.
 
@@ -172,6 +199,25 @@ def _install_factors(layer: LoraLayer, b0: torch.Tensor, a0: torch.Tensor) -> No
     use_fused_update(layer)
 
 
+def _weights_on_main_rank_only(layers: list[LoraLayer]) -> bool:
+    """Whether some rank holds its base weights on the meta device (a collective).
+
+    FSDP's rank-0 loading (`cpu_ram_efficient_loading`) reads the checkpoint on rank 0 only and
+    broadcasts it after sharding; the other ranks hold meta tensors until then. Rank 0 then
+    decomposes every layer and shares the factors: no rank decomposes placeholders.
+    """
+    rank, _ = world()
+    local = any(layer.get_base_layer().weight.is_meta for layer in layers)
+    if rank == 0 and local:
+        raise RuntimeError(
+            "BA-LoRA PiSSA init: rank 0 holds base weights on the meta device, so there is nothing to "
+            "decompose. Load the model with real weights on rank 0 (or use balora_init: gaussian)."
+        )
+    flag = torch.tensor([int(local)], device=communication_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def attach_frozen_factors(model: PeftModel, lora_config: LoraConfig, niter: int | None,
                           cache: FactorCache | None = None) -> None:
     """Set the trainable adapter to (B0, A0) and add the frozen (A0, -B0) adapter.
@@ -186,9 +232,10 @@ def attach_frozen_factors(model: PeftModel, lora_config: LoraConfig, niter: int 
     layers = [layer for _, layer in lora_layers(model) if TRAINABLE_ADAPTER in layer.lora_A]
     rank, size = world()
     partitioned = any(hasattr(layer.get_base_layer().weight, "ds_shape") for layer in layers)
-    split = size > 1 and not partitioned
+    main_only = size > 1 and not partitioned and _weights_on_main_rank_only(layers)
+    split = size > 1 and not partitioned and not main_only
     costs = [layer.in_features * layer.out_features for layer in layers]
-    owners = balanced_owners(costs, size) if split else [rank] * len(layers)
+    owners = balanced_owners(costs, size) if split else [0 if main_only else rank] * len(layers)
     progress = tqdm(total=owners.count(rank), desc="BA-LoRA PiSSA init", unit="layer", disable=rank != 0)
     factors: list[tuple[torch.Tensor, torch.Tensor] | None] = []
     for layer, owner in zip(layers, owners):
@@ -196,7 +243,7 @@ def attach_frozen_factors(model: PeftModel, lora_config: LoraConfig, niter: int 
             factors.append(_layer_factors(layer, niter, cache) if owner == rank else None)
         progress.update(owner == rank)
     progress.close()
-    if split:
+    if split or main_only:
         shapes = [(tuple(layer.lora_B[TRAINABLE_ADAPTER].weight.shape),
                    tuple(layer.lora_A[TRAINABLE_ADAPTER].weight.shape)) for layer in layers]
         factors = share_from_owners(factors, shapes, owners)

@@ -20,7 +20,7 @@ vocab x hidden for the whole run (1.05 GB per rank at Llama-3's 128,256 x 4,096 
 bfloat16), the memory these engines are used to save, while a gather costs one
 extra all-gather of the head per micro-batch, the same collective the model's own
 forward already does for it. R of the head's QR (the SVD term) is what is cached:
-the head is frozen, so it is computed once per run (`HeadFactorCache`).
+the head is frozen, so it is computed once per run (`LmHeadFactor(fixed=True)`).
 
 Both gathers are collectives: every rank must call `full_head_weight` at the
 same point, which holds as long as every rank takes the same loss path.
@@ -29,7 +29,7 @@ same point, which holds as long as every rank takes the same loss path.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -109,21 +109,3 @@ def full_head_weight(peft_model: nn.Module) -> Iterator[torch.Tensor]:
         if _is_dtensor(weight):  # owned elsewhere (e.g. a tied weight sharded with the embedding)
             weight = weight.full_tensor()
     yield weight.detach()
-
-
-class HeadFactorCache:
-    """R of the full head's QR: `factor` (an `LmHeadFactor`) as is for a whole head; for a
-    sharded one, computed once, because each gather brings new storage that the factor's
-    storage-and-version key would take for a changed weight (one QR per step)."""
-
-    def __init__(self, factor: Callable[[torch.Tensor], torch.Tensor], sharded: bool):
-        self._factor = factor
-        self._sharded = sharded
-        self._r: torch.Tensor | None = None
-
-    def __call__(self, full_weight: torch.Tensor) -> torch.Tensor:
-        if not self._sharded:
-            return self._factor(full_weight)
-        if self._r is None:
-            self._r = self._factor(full_weight)
-        return self._r

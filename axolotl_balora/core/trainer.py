@@ -21,13 +21,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import BALoRAConfig
 from .adapters import TRAINING_STATE_DIR
 from .checkpoint import check_compatible, load_training_state
+from .export import is_balora_model, save_sharded_balora_adapter
 from .classification import recorded_pooled_features, reference_features, uses_classification_form
-from .init import activate_balora_adapters, check_frozen_factors_active
+from .init import activate_balora_adapters, check_frozen_factors_active, restore_frozen_factor_buffers
 from .fused import LmHeadFactor
 from .head_check import check_fused_head
 from .hidden_states import final_hidden_states, fused_path_blocker
@@ -40,7 +42,7 @@ from .regularizers import (
     plain_regularizer_terms,
 )
 from .schedules import Lambdas, lambdas_at
-from .sharded_head import HeadFactorCache, full_head_weight, head_sharding
+from .sharded_head import full_head_weight, head_sharding
 from .term_tally import TermTally
 
 LOG = logging.getLogger(__name__)
@@ -54,6 +56,23 @@ def _head_key(peft_model: nn.Module) -> tuple:
     return id(peft_model), id(head), None if weight is None else (id(weight), weight.dtype)
 
 
+def _fsdp2_sharded_state_dict(trainer: Any) -> bool:
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None
+    return (plugin is not None and getattr(plugin, "fsdp_version", 1) == 2
+            and "SHARDED_STATE_DICT" in str(plugin.state_dict_type))
+
+
+class _FrozenFactorsStayBuffers(TrainerCallback):
+    """At train begin (after the engine wrapped and, with rank-0 loading, re-loaded the model),
+    before any forward: the frozen factors are buffers again if a loader made them parameters."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        restored = restore_frozen_factor_buffers(model) if model is not None else 0
+        if restored:
+            LOG.info("BA-LoRA: %d frozen factors came back from the engine's loading as parameters; "
+                     "kept as buffers (never trained, never clipped)", restored)
+
+
 class BALoRATrainerMixin:
     """Adds lambda1 L_CR + lambda2 L_DR + lambda3 L_SVDR to the training loss and logs them."""
 
@@ -65,8 +84,8 @@ class BALoRATrainerMixin:
         self._balora_classification = False
         self._balora_fused_blocker: str | None = None
         self._balora_head_checked = False
-        self._balora_lm_head_r = LmHeadFactor()
-        self._balora_head_r = HeadFactorCache(self._balora_lm_head_r, sharded=False)
+        self._balora_head_r = LmHeadFactor()  # replaced by _choose_loss_path for the model's head
+        self.add_callback(_FrozenFactorsStayBuffers())
 
     @property
     def balora_loss_path(self) -> str:
@@ -117,7 +136,7 @@ class BALoRATrainerMixin:
             return
         head_weight = getattr(peft_model.get_base_model().get_output_embeddings(), "weight", None)
         sharding = None if head_weight is None else head_sharding(head_weight)
-        self._balora_head_r = HeadFactorCache(self._balora_lm_head_r, sharded=sharding is not None)
+        self._balora_head_r = LmHeadFactor(fixed=sharding is not None)
         if self.balora_config.chunk_size == 0:
             blocker = "balora_chunk_size is 0"
         elif getattr(self.args, "label_smoothing_factor", 0) or getattr(self, "compute_loss_func", None):
@@ -261,6 +280,18 @@ class BALoRATrainerMixin:
         if isinstance(checkpoint, (str, Path)) and (Path(checkpoint) / TRAINING_STATE_DIR).is_dir():
             check_compatible(self.accelerator.unwrap_model(self.model), Path(checkpoint) / TRAINING_STATE_DIR)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Also write the rank-2r export (and TRAINING_STATE_DIR) where FSDP2 saves DCP shards only.
+
+        With `SHARDED_STATE_DICT` the Trainer's own save of a checkpoint writes no adapter file;
+        the export gathers just the adapter tensors (small) on every rank, as for the final save.
+        Resuming then takes the same TRAINING_STATE_DIR route as every other engine.
+        """
+        super().save_model(output_dir, _internal_call)
+        peft_model = self.accelerator.unwrap_model(self.model)
+        if _fsdp2_sharded_state_dict(self) and is_balora_model(peft_model):
+            save_sharded_balora_adapter(peft_model, output_dir or self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Resume from the raw adapters under TRAINING_STATE_DIR, not the rank-2r export."""

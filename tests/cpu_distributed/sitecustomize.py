@@ -10,7 +10,8 @@ as those modules are imported, and nothing else:
   distributed types. Both selections also accept CPU ranks here.
 * transformers `training_args.py`: bf16 is refused without a bf16 GPU unless
   `use_cpu`, which axolotl never sets.
-* axolotl: the device mesh and three tensors are built on a literal "cuda" device.
+* axolotl: the device mesh and two or three tensors (0.21 / 0.19) are built on a literal "cuda"
+  device.
 * axolotl `utils/environment.py`: with more than one rank it asks torch whether two
   CUDA devices can reach each other and catches only AssertionError, which a CPU build
   of torch raises; a CUDA build on a machine without a GPU (the only torch for Python
@@ -26,13 +27,22 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import importlib.metadata
 import os
 import sys
 
 _USE_DEEPSPEED = 'os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"'
+# Literal `torch.device("cuda")` in axolotl's FSDP2 module, by axolotl version: 0.21 moved the
+# expert-parallel one away (its FSDP2 checkpoint code picks "cpu" under gloo by itself).
+_FSDP2_CUDA_DEVICES = {"0.19": 3, "0.20": 3, "0.21": 2}
 
-# module -> [(exact old text, new text, how many times the old text occurs)]
-PATCHES: dict[str, list[tuple[str, str, int]]] = {
+
+def _axolotl_minor() -> str:
+    return ".".join(importlib.metadata.version("axolotl").split(".")[:2])
+
+# module -> [(exact old text, new text, how many times the old text occurs: a number, or one per
+# axolotl minor version)]
+PATCHES: dict[str, list[tuple[str, str, int | dict[str, int]]]] = {
     "accelerate.state": [
         # AcceleratorState: take the DeepSpeed branch on CPU ranks too.
         (f"elif {_USE_DEEPSPEED} and not cpu:", f"elif {_USE_DEEPSPEED}:", 1),
@@ -66,10 +76,10 @@ PATCHES: dict[str, list[tuple[str, str, int]]] = {
         ('parallelism_config.build_device_mesh("cuda")', 'parallelism_config.build_device_mesh("cpu")', 1),
     ],
     "axolotl.monkeypatch.accelerate.fsdp2": [
-        ('torch.device("cuda")', 'torch.device("cpu")', 3),
+        ('torch.device("cuda")', 'torch.device("cpu")', _FSDP2_CUDA_DEVICES),
     ],
 }
-P2P_PATCHES: dict[str, list[tuple[str, str, int]]] = {
+P2P_PATCHES: dict[str, list[tuple[str, str, int | dict[str, int]]]] = {
     "axolotl.utils.environment": [
         ("        except AssertionError as exc:", "        except (AssertionError, RuntimeError) as exc:", 1),
     ],
@@ -80,6 +90,8 @@ PATCHES.update(P2P_PATCHES)
 def patched_source(name: str, source: str) -> str:
     """`source` with every spot of PATCHES[name] rewritten; raises if a spot is missing."""
     for old, new, times in PATCHES[name]:
+        if isinstance(times, dict):
+            times = times.get(_axolotl_minor(), -1)
         count = source.count(old)
         if count != times:
             raise RuntimeError(
