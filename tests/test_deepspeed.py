@@ -76,8 +76,9 @@ def uninterrupted(request, tiny_llama_dir, tiny_dataset, tmp_path_factory):
         save_strategy="steps", save_steps=2, **FLOAT32,
     )
     result, probe = deepspeed_run(config, workdir)
-    return {"stage": stage, "config": config, "workdir": workdir, "probe": probe,
-            "logs": training_logs(ok(result))}
+    text = ok(result)
+    return {"stage": stage, "config": config, "workdir": workdir, "probe": probe, "text": text,
+            "logs": training_logs(text)}
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,8 @@ def test_every_rank_holds_the_unsharded_factors(uninterrupted, tiny_llama_dir):
     begin = torch.load(uninterrupted["probe"] / "logits_begin.pt")
     assert begin["engine"] == "DeepSpeedEngine" and begin["zero_stage"] == uninterrupted["stage"]
     assert begin["dtypes"] == ["torch.float32"] and begin["engine_bf16"] is False
+    for rank in (0, 1):  # the ranks split the 14 target layers (ZeRO-3: gathered two at a time)
+        assert f"rank {rank} of 2 took 7 of 14 layers" in uninterrupted["text"]
 
 
 def test_checkpoints_and_final_adapter_load_in_vanilla_peft(uninterrupted, tiny_llama_dir, tmp_path):

@@ -104,21 +104,21 @@ def base_weight_for_init(layer: LoraLayer) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def gathered_base_weight(layer: LoraLayer) -> Iterator[None]:
-    """Make the layer's full base weight readable for the duration of the block.
+def gathered_base_weights(layers: list[LoraLayer]) -> Iterator[None]:
+    """Make the layers' full base weights readable for the duration of the block.
 
     Under DeepSpeed ZeRO-3 (axolotl builds the model inside `zero.Init`) each rank
     holds an empty partition (`weight.shape == (0,)`, the real one in `ds_shape`).
-    Every rank gathers the same one weight (read-only: no modifier rank), so the
-    extra memory is one layer's weight and all ranks decompose identical values.
+    Every rank gathers the same weights (read-only: no modifier rank), so the extra
+    memory is these layers' weights and all ranks see identical values.
     """
-    weight = layer.get_base_layer().weight
-    if not hasattr(weight, "ds_shape"):
+    weights = [layer.get_base_layer().weight for layer in layers]
+    if not any(hasattr(weight, "ds_shape") for weight in weights):
         yield
         return
     import deepspeed  # only reachable for a ZeRO-3 partitioned parameter
 
-    with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(weights, modifier_rank=None):
         yield
 
 
@@ -223,7 +223,9 @@ def attach_frozen_factors(model: PeftModel, lora_config: LoraConfig, niter: int 
     """Set the trainable adapter to (B0, A0) and add the frozen (A0, -B0) adapter.
 
     Under torch.distributed the ranks split the layers and share the factors
-    (`pissa_factors`), except under ZeRO-3, where gathering a weight is collective.
+    (`pissa_factors`): by size, or, under ZeRO-3 (where gathering is collective), one
+    of every `world size` consecutive layers gathered together; rank 0 alone when the
+    other ranks hold no weights yet (FSDP's rank-0 loading).
     """
     frozen_config = replace(
         lora_config, lora_dropout=0.0, init_lora_weights=True, modules_to_save=None
@@ -233,17 +235,25 @@ def attach_frozen_factors(model: PeftModel, lora_config: LoraConfig, niter: int 
     rank, size = world()
     partitioned = any(hasattr(layer.get_base_layer().weight, "ds_shape") for layer in layers)
     main_only = size > 1 and not partitioned and _weights_on_main_rank_only(layers)
-    split = size > 1 and not partitioned and not main_only
-    costs = [layer.in_features * layer.out_features for layer in layers]
-    owners = balanced_owners(costs, size) if split else [0 if main_only else rank] * len(layers)
+    if partitioned:
+        # Gathering is collective: all ranks gather `size` consecutive weights at a time and
+        # each decomposes one of them, so the extra memory is `size` weights, not the model.
+        owners = [index % size for index in range(len(layers))]
+        groups = [list(range(start, min(start + size, len(layers)))) for start in range(0, len(layers), size)]
+    else:
+        costs = [layer.in_features * layer.out_features for layer in layers]
+        owners = [0] * len(layers) if main_only else balanced_owners(costs, size)
+        groups = [[index] for index in range(len(layers))]
     progress = tqdm(total=owners.count(rank), desc="BA-LoRA PiSSA init", unit="layer", disable=rank != 0)
-    factors: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-    for layer, owner in zip(layers, owners):
-        with gathered_base_weight(layer):
-            factors.append(_layer_factors(layer, niter, cache) if owner == rank else None)
-        progress.update(owner == rank)
+    factors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
+    for group in groups:
+        with gathered_base_weights([layers[index] for index in group]):
+            for index in group:
+                if owners[index] == rank:
+                    factors[index] = _layer_factors(layers[index], niter, cache)
+                    progress.update(1)
     progress.close()
-    if split or main_only:
+    if size > 1:
         shapes = [(tuple(layer.lora_B[TRAINABLE_ADAPTER].weight.shape),
                    tuple(layer.lora_A[TRAINABLE_ADAPTER].weight.shape)) for layer in layers]
         factors = share_from_owners(factors, shapes, owners)
