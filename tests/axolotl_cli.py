@@ -54,6 +54,12 @@ def base_config(model_dir: Path, dataset: Path, workdir: Path, **overrides: Any)
         "logging_steps": 1,
         "save_strategy": "no",
         "seed": 42,
+        # float32, as a CPU user writes it (example_configs/quickstart.yml). Left unset, axolotl
+        # turns fp16 on wherever it finds no bf16 GPU, and float16 matmuls on a CPU without
+        # native fp16 (AVX2-only hosts) made the suite ~3x slower; test_axolotl_cli keeps one run
+        # on that default.
+        "bf16": False,
+        "fp16": False,
         # Triton LoRA kernels auto-enable for lora and crash without CUDA.
         "lora_mlp_kernel": False,
         "lora_qkv_kernel": False,

@@ -25,8 +25,6 @@ from vanilla_peft import vanilla_peft_logits
 PROBE = "balora_probe.ProbePlugin"
 # Vanilla PEFT on the rank-2r export vs the trained model, float32.
 EXPORT_TOLERANCE = 1e-4
-# Axolotl turns fp16 on by itself where no bf16 GPU is found; float32 runs set both off.
-FLOAT32 = {"bf16": False, "fp16": False}
 
 
 def ok(result) -> str:

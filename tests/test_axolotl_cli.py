@@ -44,17 +44,21 @@ def _assert_trained_balora(result, out_dir: Path, lora_r: int) -> list[dict[str,
     return logs
 
 
-@pytest.mark.parametrize("sample_packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("sample_packing", [False, True], ids=["padded-fp16-default", "packed"])
 def test_axolotl_train_balora(tiny_llama_dir, tiny_dataset, tmp_path, sample_packing):
     overrides = {"sample_packing": sample_packing}
     if sample_packing:
         overrides |= {"pad_to_sequence_len": True, "gradient_checkpointing": True}
+    else:  # no bf16 / fp16 keys: axolotl's own CPU default, fp16 (step 0 must still be the base model)
+        overrides |= {"bf16": None, "fp16": None}
     config = base_config(tiny_llama_dir, tiny_dataset, tmp_path, **overrides)
     result = run_axolotl_train(config, tmp_path)
     logs = _assert_trained_balora(result, tmp_path / "out", lora_r=4)
     assert len(logs) == config["max_steps"]
     if sample_packing:
         assert "gradient checkpointing enabled" in result.stdout + result.stderr
+    else:
+        assert "Converting modules to torch.float16" in result.stdout + result.stderr
 
 
 def test_axolotl_loads_the_plugin_by_its_entry_point_without_plugins(tiny_llama_dir, tiny_dataset, tmp_path):

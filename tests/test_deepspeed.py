@@ -25,7 +25,6 @@ from axolotl_cli import (
     training_logs,
 )
 from probe_checks import (
-    FLOAT32,
     PROBE,
     assert_factors_match_unsharded,
     assert_saved_adapters_reproduce_the_run,
@@ -73,7 +72,7 @@ def uninterrupted(request, tiny_llama_dir, tiny_dataset, tmp_path_factory):
     config = base_config(
         tiny_llama_dir, tiny_dataset, workdir, plugins=["axolotl_balora.BALoRAPlugin", PROBE],
         deepspeed=str(zero_json(workdir, stage)), balora_init="pissa", gradient_accumulation_steps=1,
-        save_strategy="steps", save_steps=2, **FLOAT32,
+        save_strategy="steps", save_steps=2,
     )
     result, probe = deepspeed_run(config, workdir)
     text = ok(result)
@@ -85,7 +84,7 @@ def uninterrupted(request, tiny_llama_dir, tiny_dataset, tmp_path_factory):
 def single_process_logs(tiny_llama_dir, tiny_dataset, tmp_path_factory):
     """One process seeing each step's two micro-batches (accumulation 2) that two ranks split."""
     workdir = tmp_path_factory.mktemp("single")
-    config = base_config(tiny_llama_dir, tiny_dataset, workdir, balora_init="pissa", **FLOAT32)
+    config = base_config(tiny_llama_dir, tiny_dataset, workdir, balora_init="pissa")
     return training_logs(ok(run_axolotl_train(config, workdir)))
 
 

@@ -15,7 +15,6 @@ import torch
 
 from axolotl_cli import base_config, resume_after_step2, run_axolotl_on_cpu_ranks, training_logs
 from probe_checks import (
-    FLOAT32,
     PROBE,
     assert_factors_match_unsharded,
     assert_saved_adapters_reproduce_the_run,
@@ -55,7 +54,7 @@ def uninterrupted(request, tiny_llama_dir, tiny_dataset, tmp_path_factory):
     config = base_config(
         tiny_llama_dir, tiny_dataset, workdir, plugins=["axolotl_balora.BALoRAPlugin", PROBE],
         balora_init="pissa", gradient_accumulation_steps=1, save_strategy="steps", save_steps=2,
-        **fsdp2_config(request.param), **FLOAT32,
+        **fsdp2_config(request.param),
     )
     text = ok(fsdp2_run(config, workdir))
     return {"config": config, "workdir": workdir, "text": text, "state_dict_type": request.param}
@@ -83,7 +82,7 @@ def test_fsdp2_second_run_loads_the_factors_from_the_cache(tiny_llama_dir, tiny_
         config = base_config(
             tiny_llama_dir, tiny_dataset, workdir, plugins=["axolotl_balora.BALoRAPlugin", PROBE],
             balora_init="pissa_niter_4", balora_init_cache=str(cache), max_steps=1,
-            **fsdp2_config("FULL_STATE_DICT"), **FLOAT32,
+            **fsdp2_config("FULL_STATE_DICT"),
         )
         runs.append(ok(fsdp2_run(config, workdir)))
     assert "(0 from the cache" in runs[0] and "(7 from the cache" not in runs[0]
@@ -112,7 +111,7 @@ def test_fsdp2_rank0_loading_keeps_the_frozen_factors_frozen(tiny_llama_dir, tin
     config = base_config(
         tiny_llama_dir, tiny_dataset, tmp_path, plugins=["axolotl_balora.BALoRAPlugin", PROBE],
         balora_init="pissa", gradient_accumulation_steps=1, save_strategy="steps", save_steps=2,
-        max_grad_norm=1.0, **fsdp2_config("FULL_STATE_DICT", cpu_ram_efficient_loading=True), **FLOAT32,
+        max_grad_norm=1.0, **fsdp2_config("FULL_STATE_DICT", cpu_ram_efficient_loading=True),
     )
     text = ok(fsdp2_run(config, tmp_path))
     assert "rank 0 of 2 took 14 of 14 layers" in text and "rank 1 of 2 took 0 of 14 layers" in text
