@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import statistics
 from pathlib import Path
+
+from quality_tuning import TIE_MARGIN, choose_learning_rate, learning_rate_tag, task_score
 
 METHOD_ORDER = ("base", "lora", "lora-lr1e-3", "pissa", "balora",
                 "balora-consistency-only", "balora-diversity-only", "balora-svd-only")
@@ -31,7 +34,7 @@ PLACEHOLDER = "_No findings written yet: read the table._"
 
 
 def load_runs(results: Path) -> dict[str, list[dict]]:
-    """Per-run JSON grouped by method, in the study's method order."""
+    """Per-run JSON of one folder grouped by method, in the study's method order."""
     grouped: dict[str, list[dict]] = {}
     for path in sorted(results.glob("*.json")):
         run = json.loads(path.read_text())
@@ -54,7 +57,7 @@ def cell(runs: list[dict], key: str) -> str:
 
 
 def table(grouped: dict[str, list[dict]]) -> str:
-    """Markdown table: one row per method, mean ± sd over its seeds."""
+    """Markdown table: one row per group (method, or method at a rate), mean ± sd over its seeds."""
     header = "| method | runs | " + " | ".join(title for _, title, _ in METRICS) + " |"
     better = "| | | " + " | ".join(direction for _, _, direction in METRICS) + " |"
     rule = "|" + "---|" * (len(METRICS) + 2)
@@ -89,6 +92,79 @@ def chart(grouped: dict[str, list[dict]], target: Path) -> None:
     plt.close(figure)
 
 
+def by_method_and_rate(grouped: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Tuned runs regrouped as "method @ lr": a method's seeds at its chosen rate form one row."""
+    regrouped: dict[str, list[dict]] = {}
+    for method, runs in grouped.items():
+        for run in runs:
+            regrouped.setdefault(f"{method} @ {learning_rate_tag(run['learning_rate'])}", []).append(run)
+    return regrouped
+
+
+def sweep_table(grouped: dict[str, list[dict]]) -> str:
+    """One row per sweep point, validation scores, the rule's pick marked."""
+    rows = ["| method | learning rate | arithmetic acc. | sentiment acc. | task score | KL(base‖tuned) | chosen |",
+            "|---|---|---|---|---|---|---|"]
+    for method, runs in grouped.items():
+        chosen = choose_learning_rate(runs) if method != "base" else None
+        for run in sorted(runs, key=lambda run: run["learning_rate"] or 0):
+            rate = "–" if run["learning_rate"] is None else learning_rate_tag(run["learning_rate"])
+            rows.append(f"| {method} | {rate} | {run['arithmetic_accuracy']:.3f} | {run['sentiment_accuracy']:.3f} | "
+                        f"{task_score(run):.3f} | {run['text_kl_base_tuned']:.4f} | "
+                        f"{'**yes**' if chosen is not None and run['learning_rate'] == chosen else ''} |")
+    return "\n".join(rows)
+
+
+def frontier_chart(grouped: dict[str, list[dict]], target: Path) -> None:
+    """Validation task score against drift for every sweep point: who gets more accuracy per drift."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 5))
+    for method, runs in grouped.items():
+        runs = sorted(runs, key=lambda run: run["learning_rate"] or 0)
+        points = [(run["text_kl_base_tuned"], task_score(run)) for run in runs if not math.isnan(task_score(run))]
+        style = {"marker": "s", "color": "#999999", "linestyle": ""} if method == "base" else {"marker": "o"}
+        axis.plot([x for x, _ in points], [y for _, y in points], label=method, **style)
+        for run in runs:
+            if run["learning_rate"] is not None:
+                axis.annotate(learning_rate_tag(run["learning_rate"]), (run["text_kl_base_tuned"], task_score(run)),
+                              textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axis.set_xlabel("KL(base ‖ tuned) on validation text (lower: less drift)")
+    axis.set_ylabel("validation task score (mean of the two accuracies)")
+    axis.set_title("Learning-rate sweep, one seed per point (labels: learning rate)", fontsize=10)
+    axis.legend()
+    figure.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, dpi=90)
+    plt.close(figure)
+
+
+def sweep_section(results: Path, docs: Path) -> str:
+    """The sweep's table and chart, or a line saying it has not been run."""
+    grouped = load_runs(results / "sweep") if (results / "sweep").is_dir() else {}
+    if not grouped:
+        return "_Not run yet: `benchmarks/quality.py --stage sweep`._"
+    frontier_chart(grouped, docs / "img" / "quality_lr_sweep.png")
+    return f"""Scored on the validation split only (its own problems, products and play, *Twelfth Night*).
+Rule, fixed before any tuned run: highest task score (mean of the two accuracies); rates within
+{TIE_MARGIN} of it tie, and the lowest KL among ties wins (`benchmarks/quality_tuning.py`).
+
+{sweep_table(grouped)}
+
+![accuracy against drift](img/quality_lr_sweep.png)"""
+
+
+def tuned_section(results: Path) -> str:
+    """Test scores of each method at its chosen rate, or a line saying they have not been run."""
+    grouped = load_runs(results / "tuned") if (results / "tuned").is_dir() else {}
+    if not grouped:
+        return "_Not run yet: `benchmarks/quality.py --stage tuned` (after the sweep)._"
+    return table(by_method_and_rate(grouped))
+
+
 def kept_findings(results_md: Path) -> str:
     """The hand-written findings of an earlier report, or a placeholder."""
     if results_md.is_file():
@@ -99,12 +175,13 @@ def kept_findings(results_md: Path) -> str:
 
 
 def write_report(results: Path, docs: Path, command: str) -> Path:
-    """Write <docs>/results.md and <docs>/img/quality.png from the JSON in `results`."""
+    """Write <docs>/results.md and its charts under <docs>/img/ from the JSON in `results`."""
     grouped = load_runs(results)
     if not grouped:
         raise SystemExit(f"no run results in {results}")
-    runs = [run for group in grouped.values() for run in group]
-    settings = runs[-1]["settings"]
+    runs = [run for folder in (results, results / "sweep", results / "tuned") if folder.is_dir()
+            for group in load_runs(folder).values() for run in group]
+    settings = next(iter(grouped.values()))[-1]["settings"]  # the same in every run but the rate
     compute = sum(run.get("train_seconds", 0) + run["score_seconds"] for run in runs)
     chart(grouped, docs / "img" / "quality.png")
     target = docs / "results.md"
@@ -121,11 +198,19 @@ Per-run JSON: `{_relative(results)}/`. Report regenerated {datetime.date.today()
 {kept_findings(target)}
 {FINDINGS_END}
 
-## Results (mean ± sd over seeds)
+## Results at one shared learning rate (mean ± sd over seeds)
 
 {table(grouped)}
 
 ![quality chart](img/quality.png)
+
+## Learning-rate sweep (validation)
+
+{sweep_section(results, docs)}
+
+## Results at each method's chosen learning rate (test, mean ± sd over seeds)
+
+{tuned_section(results)}
 
 ## Setup
 
@@ -138,6 +223,9 @@ Per-run JSON: `{_relative(results)}/`. Report regenerated {datetime.date.today()
   the paper's schedule); PiSSA is the same initialization with every lambda 0.
   `lora-lr1e-3` is outside that rule on purpose: LoRA at learning rate 1e-3, to see whether
   LoRA only loses because one shared learning rate suits it less.
+- Tuned rates: LoRA, PiSSA and BA-LoRA each at every rate of `LEARNING_RATES` in
+  benchmarks/quality_tuning.py (seed 0, validation scores), then several seeds at the rate
+  the rule chose, scored on test; everything else as above.
 - Training data: {settings["tasks"]["arithmetic_train"]} arithmetic word problems and
   {settings["tasks"]["sentiment_train"]} sentiment reviews (90% positive), one mixed alpaca dataset.
 - Scoring, with the exported adapter loaded by vanilla PEFT: greedy answers to

