@@ -40,9 +40,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_report import load_runs, write_report  # noqa: E402
+from quality_report import declared_bias_task, load_runs, write_report  # noqa: E402
 from quality_tasks import (  # noqa: E402
-    REPO, SPLITS, TaskSizes, held_out_splits, shakespeare_text, training_records, validation_splits,
+    BIAS_TASKS, REPO, SPLITS, TaskSizes, held_out_splits, shakespeare_text, training_records, validation_splits,
 )
 from quality_tuning import LEARNING_RATES, SWEEP_SEED, chosen_learning_rates, run_name  # noqa: E402
 
@@ -105,6 +105,12 @@ class Run:
     seed: int
     split: str = "test"
     learning_rate: float | None = None
+    task: str | None = None  # a BIAS_TASKS name: its data instead of the standard 90/10 mix
+
+    @property
+    def folder(self) -> str:
+        """Its adapter folder under runs/ (bias-task runs train on other data: own folder)."""
+        return self.name if self.task is None else f"bias-{self.task}/{self.name}"
 
 
 def axolotl_config(run: Run, settings: StudySettings, dataset: Path, model: Path,
@@ -209,14 +215,16 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(staging, path)
 
 
-def run_one(run: Run, target: Path, settings: StudySettings, paths: dict[str, Path],
-            data: dict[str, tuple[str, dict]]) -> None:
+Data = dict[tuple[str | None, str], tuple[str, dict]]  # (bias task or None, split) -> (play, held-out tasks)
+
+
+def run_one(run: Run, target: Path, settings: StudySettings, paths: dict[str, Path], data: Data) -> None:
     """Train (unless already trained) and score one run into `target` (JSON)."""
     name, method = run.name, run.method
     if target.is_file():
         print(f"[quality] {name}: done earlier, skipped", flush=True)
         return
-    run_dir = paths["runs"] / name
+    run_dir = paths["runs"] / run.folder
     training: dict[str, Any] = {}
     if method is not None:
         if (run_dir / "adapter_model.safetensors").is_file() and (run_dir / "train_seconds").is_file():
@@ -225,16 +233,17 @@ def run_one(run: Run, target: Path, settings: StudySettings, paths: dict[str, Pa
             print(f"[quality] {name}: trained earlier, scoring on {run.split}", flush=True)
         else:
             print(f"[quality] {name}: training {settings.steps} steps through axolotl train", flush=True)
-            config = axolotl_config(run, settings, paths["dataset"], paths["model"], run_dir, paths["prepared"])
+            dataset = paths["dataset"] if run.task is None else paths[f"dataset-{run.task}"]
+            config = axolotl_config(run, settings, dataset, paths["model"], run_dir, paths["prepared"])
             seconds, logs = train(config, run_dir)
         training = {"train_seconds": seconds, **summarize_training(logs)}
     started = time.monotonic()
-    text, splits = data[run.split]
+    text, splits = data[run.task, run.split]
     scores = score(paths["model"], run_dir if method else None, text, splits, settings)
     method_keys = METHODS.get(method, {})
     payload = {
         "name": name, "method": method or "base", "seed": run.seed, "method_keys": method_keys,
-        "split": run.split,
+        "split": run.split, "bias_task": run.task,
         "learning_rate": None if method is None else
         run.learning_rate or method_keys.get("learning_rate", settings.learning_rate),
         **training, **scores,
@@ -248,23 +257,38 @@ def run_one(run: Run, target: Path, settings: StudySettings, paths: dict[str, Pa
           f"KL {scores['text_kl_base_tuned']:.4f}, distinct-2 {scores['distinct_2']:.3f}", flush=True)
 
 
-def prepare(settings: StudySettings, results: Path) -> tuple[dict[str, Path], dict[str, tuple[str, dict]]]:
-    """Model, training jsonl, and per split (test, validation) its play and held-out tasks,
-    all deterministic.
+def prepare(settings: StudySettings, results: Path, bias_task: str | None = None) -> tuple[dict[str, Path], Data]:
+    """Model, training jsonl(s), and per split (test, validation) its play and held-out tasks,
+    all deterministic; with `bias_task`, that task's training data and test split too.
 
-    Adapters, logs, the dataset and Axolotl's tokenized copy go under
+    Adapters, logs, the datasets and Axolotl's tokenized copy go under
     <results>/runs (git-ignored); only the per-run JSON is kept in git.
     """
     runs = results / "runs"
     runs.mkdir(parents=True, exist_ok=True)
+    paths = {"model": prepare_model(REPO), "results": results, "runs": runs, "prepared": runs / "prepared"}
+    plays = {split: shakespeare_text(REPO / ".cache" / "quality", split) for split in SPLITS}
     train_records = training_records(settings.tasks)
-    dataset = runs / "train.jsonl"
-    dataset.write_text("".join(json.dumps(record) + "\n" for record in train_records))
-    paths = {"model": prepare_model(REPO), "dataset": dataset, "results": results, "runs": runs,
-             "prepared": runs / "prepared"}
+    paths["dataset"] = write_jsonl(runs / "train.jsonl", train_records)
     test = held_out_splits(settings.tasks, train_records)
-    tasks = {"test": test, "validation": validation_splits(settings.tasks, train_records, test)}
-    return paths, {split: (shakespeare_text(REPO / ".cache" / "quality", split), tasks[split]) for split in SPLITS}
+    data: Data = {(None, "test"): (plays["test"], test),
+                  (None, "validation"): (plays["validation"], validation_splits(settings.tasks, train_records, test))}
+    if bias_task is not None:
+        skew = BIAS_TASKS[bias_task]
+        records = training_records(settings.tasks, skew=skew)
+        paths[f"dataset-{bias_task}"] = write_jsonl(runs / f"train-{bias_task}.jsonl", records)
+        data[bias_task, "test"] = (plays["test"], held_out_splits(settings.tasks, records, skew=skew))
+    return paths, data
+
+
+def write_jsonl(path: Path, records: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def results_folder(results: Path, stage: str) -> Path:
+    """Per-stage JSON folder: the shared study keeps the top level (its JSON predates stages)."""
+    return results if stage == "shared" else results / stage
 
 
 def default_results() -> Path:
@@ -272,7 +296,7 @@ def default_results() -> Path:
     return REPO / "benchmarks" / "results" / "quality"
 
 
-STAGES = ("shared", "sweep", "tuned")
+STAGES = ("shared", "sweep", "tuned", "bias")
 
 
 def shared_runs(smoke: bool, seeds: int, ablation_seeds: int, lora_lr_seeds: int) -> list[Run]:
@@ -294,16 +318,45 @@ def sweep_runs() -> list[Run]:
     ]
 
 
-def tuned_runs(sweep_results: Path, seeds: int) -> list[Run]:
+def chosen_rates(results: Path) -> dict[str, float]:
+    """Each main method's learning rate as the rule picks it from the sweep's JSON."""
+    sweep = load_runs(results_folder(results, "sweep")) if results_folder(results, "sweep").is_dir() else {}
+    return chosen_learning_rates([run for group in sweep.values() for run in group], MAIN_METHODS)
+
+
+def tuned_runs(results: Path, seeds: int) -> list[Run]:
     """`seeds` seeds of each main method at the rate its sweep chose, on test."""
-    chosen = chosen_learning_rates([run for group in load_runs(sweep_results).values() for run in group],
-                                   MAIN_METHODS)
+    chosen = chosen_rates(results)
     return [Run(run_name(m, chosen[m], s), m, s, learning_rate=chosen[m]) for s in range(seeds) for m in MAIN_METHODS]
 
 
-def results_folder(results: Path, stage: str) -> Path:
-    """Per-stage JSON folder: the shared study keeps the top level (its JSON predates stages)."""
-    return results if stage == "shared" else results / stage
+def bias_runs(results: Path, task: str, seeds: int, methods: tuple[str, ...] = MAIN_METHODS) -> list[Run]:
+    """The base model and `seeds` seeds of `methods` on a bias task, each at its chosen rate."""
+    chosen = chosen_rates(results)
+    return [Run("base", None, 0, task=task)] + [
+        Run(run_name(m, chosen[m], s), m, s, learning_rate=chosen[m], task=task) for s in range(seeds) for m in methods
+    ]
+
+
+def planned_runs(stage: str, args: argparse.Namespace) -> tuple[list[Run], Path]:
+    """A stage's runs and the folder their JSON goes to; ValueError when its inputs are missing.
+
+    `bias` with --bias-task tunes a candidate (base model and PiSSA only); without it, it runs
+    every method on the task declared in docs/results.md, and refuses when none is declared
+    there: the task must be fixed before any BA-LoRA run on it.
+    """
+    if stage == "shared":
+        return shared_runs(args.smoke, args.seeds, args.ablation_seeds, args.lora_lr_seeds), args.results
+    if stage == "sweep":
+        return sweep_runs(), results_folder(args.results, "sweep")
+    if stage == "tuned":
+        return tuned_runs(args.results, args.seeds), results_folder(args.results, "tuned")
+    task = args.bias_task or declared_bias_task(args.docs / "results.md")
+    if task is None:
+        raise ValueError("no bias task declared in docs/results.md (a line \"Declared bias task: `NAME`\" "
+                         "in its bias-task block); tune candidates first with --stage bias --bias-task NAME")
+    methods = ("pissa",) if args.bias_task else MAIN_METHODS
+    return bias_runs(args.results, task, args.seeds, methods), args.results / "bias" / task
 
 
 def main() -> None:
@@ -314,6 +367,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method in the shared and tuned stages")
     parser.add_argument("--ablation-seeds", type=int, default=1, help="seeds for each one-term ablation")
     parser.add_argument("--lora-lr-seeds", type=int, default=3, help=f"seeds for {LORA_HIGH_LR} (fairness check)")
+    parser.add_argument("--bias-task", choices=sorted(BIAS_TASKS),
+                        help="with --stage bias: tune this candidate (base model and PiSSA only)")
     parser.add_argument("--smoke", action="store_true", help="2 steps, lora + balora, 1 seed, tiny evaluation")
     parser.add_argument("--report", action="store_true", help="only merge existing JSON into the report")
     parser.add_argument("--docs", type=Path, default=REPO / "docs", help="where results.md and img/ go")
@@ -322,27 +377,28 @@ def main() -> None:
         parser.error("--seeds must be >= 1, --ablation-seeds and --lora-lr-seeds >= 0")
     if args.smoke and args.stage not in ("all", "shared"):
         parser.error("--smoke runs only the shared stage")
+    if args.bias_task and args.stage != "bias":
+        parser.error("--bias-task goes with --stage bias")
 
     from quality_metrics import EvalSizes
 
     settings = smoke_settings() if args.smoke else StudySettings(eval=EvalSizes())
     if not args.report:
         stages = ("shared",) if args.smoke else STAGES if args.stage == "all" else (args.stage,)
-        paths, data = prepare(settings, args.results)
+        task = args.bias_task or declared_bias_task(args.docs / "results.md")
+        paths, data = prepare(settings, args.results, task)
         started = time.monotonic()
         for stage in stages:
-            if stage == "shared":
-                runs = shared_runs(args.smoke, args.seeds, args.ablation_seeds, args.lora_lr_seeds)
-            elif stage == "sweep":
-                runs = sweep_runs()
-            else:
-                try:
-                    runs = tuned_runs(results_folder(args.results, "sweep"), args.seeds)
-                except ValueError as error:
-                    raise SystemExit(f"[quality] {error}") from None
+            try:
+                runs, folder = planned_runs(stage, args)
+            except ValueError as error:
+                if stage == "bias" and args.stage == "all" and task is None:
+                    print(f"[quality] bias stage skipped: {error}", flush=True)
+                    continue
+                raise SystemExit(f"[quality] {stage} stage: {error}") from None
             for index, run in enumerate(runs, 1):
                 print(f"[quality] {stage} run {index}/{len(runs)}", flush=True)
-                run_one(run, results_folder(args.results, stage) / f"{run.name}.json", settings, paths, data)
+                run_one(run, folder / f"{run.name}.json", settings, paths, data)
         print(f"[quality] done in {time.monotonic() - started:.0f}s", flush=True)
     command = " ".join(["benchmarks/quality.py", *sys.argv[1:]])
     write_report(args.results, args.docs, command)

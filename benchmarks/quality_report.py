@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -29,8 +30,11 @@ METRICS = (
     ("train_seconds", "train s", "-"),
 )
 CHART_METRICS = METRICS[:6]
-FINDINGS_START, FINDINGS_END = "<!-- findings:start -->", "<!-- findings:end -->"
-PLACEHOLDER = "_No findings written yet: read the table._"
+# Hand-written blocks of results.md that regeneration keeps: (marker name, text when absent).
+FINDINGS = ("findings", "_No findings written yet: read the table._")
+BIAS_DECLARATION = ("bias-task", "_No bias task declared yet._")
+# The line in the bias-task block that names the task (benchmarks/quality.py reads it).
+DECLARED_BIAS_TASK = re.compile(r"^Declared bias task: `([A-Za-z0-9_-]+)`", re.MULTILINE)
 
 
 def load_runs(results: Path) -> dict[str, list[dict]]:
@@ -97,7 +101,8 @@ def by_method_and_rate(grouped: dict[str, list[dict]]) -> dict[str, list[dict]]:
     regrouped: dict[str, list[dict]] = {}
     for method, runs in grouped.items():
         for run in runs:
-            regrouped.setdefault(f"{method} @ {learning_rate_tag(run['learning_rate'])}", []).append(run)
+            rate = run.get("learning_rate")
+            regrouped.setdefault(method if rate is None else f"{method} @ {learning_rate_tag(rate)}", []).append(run)
     return regrouped
 
 
@@ -165,13 +170,39 @@ def tuned_section(results: Path) -> str:
     return table(by_method_and_rate(grouped))
 
 
-def kept_findings(results_md: Path) -> str:
-    """The hand-written findings of an earlier report, or a placeholder."""
+def kept_block(results_md: Path, block: tuple[str, str]) -> str:
+    """A hand-written block of an earlier report between its markers, or its placeholder."""
+    start, end = markers(block)
     if results_md.is_file():
         text = results_md.read_text()
-        if FINDINGS_START in text and FINDINGS_END in text:
-            return text.split(FINDINGS_START, 1)[1].split(FINDINGS_END, 1)[0].strip()
-    return PLACEHOLDER
+        if start in text and end in text:
+            return text.split(start, 1)[1].split(end, 1)[0].strip()
+    return block[1]
+
+
+def markers(block: tuple[str, str]) -> tuple[str, str]:
+    return f"<!-- {block[0]}:start -->", f"<!-- {block[0]}:end -->"
+
+
+def kept_with_markers(results_md: Path, block: tuple[str, str]) -> str:
+    start, end = markers(block)
+    return f"{start}\n{kept_block(results_md, block)}\n{end}"
+
+
+def declared_bias_task(results_md: Path) -> str | None:
+    """The bias task named in results.md's hand-written declaration, if one was written."""
+    match = DECLARED_BIAS_TASK.search(kept_block(results_md, BIAS_DECLARATION))
+    return match.group(1) if match else None
+
+
+def bias_section(results: Path, results_md: Path) -> str:
+    """The declaration (kept), then one table per task folder: tuning runs and the final runs."""
+    parts = [kept_with_markers(results_md, BIAS_DECLARATION)]
+    for folder in sorted((results / "bias").glob("*/")) if (results / "bias").is_dir() else []:
+        grouped = load_runs(folder)
+        if grouped:
+            parts.append(f"### `{folder.name}` (test, mean ± sd over seeds)\n\n{table(by_method_and_rate(grouped))}")
+    return "\n\n".join(parts)
 
 
 def write_report(results: Path, docs: Path, command: str) -> Path:
@@ -179,8 +210,8 @@ def write_report(results: Path, docs: Path, command: str) -> Path:
     grouped = load_runs(results)
     if not grouped:
         raise SystemExit(f"no run results in {results}")
-    runs = [run for folder in (results, results / "sweep", results / "tuned") if folder.is_dir()
-            for group in load_runs(folder).values() for run in group]
+    folders = [results, results / "sweep", results / "tuned", *sorted((results / "bias").glob("*/"))]
+    runs = [run for folder in folders if folder.is_dir() for group in load_runs(folder).values() for run in group]
     settings = next(iter(grouped.values()))[-1]["settings"]  # the same in every run but the rate
     compute = sum(run.get("train_seconds", 0) + run["score_seconds"] for run in runs)
     chart(grouped, docs / "img" / "quality.png")
@@ -194,9 +225,7 @@ Per-run JSON: `{_relative(results)}/`. Report regenerated {datetime.date.today()
 
 ## Findings
 
-{FINDINGS_START}
-{kept_findings(target)}
-{FINDINGS_END}
+{kept_with_markers(target, FINDINGS)}
 
 ## Results at one shared learning rate (mean ± sd over seeds)
 
@@ -211,6 +240,10 @@ Per-run JSON: `{_relative(results)}/`. Report regenerated {datetime.date.today()
 ## Results at each method's chosen learning rate (test, mean ± sd over seeds)
 
 {tuned_section(results)}
+
+## A bias task that does not saturate
+
+{bias_section(results, target)}
 
 ## Setup
 

@@ -72,9 +72,41 @@ class TaskSizes:
     sentiment_validation: int = 40
 
 
-def review(rng: random.Random, products: tuple[str, ...], label: str) -> Record:
+@dataclass(frozen=True)
+class SentimentSkew:
+    """How the sentiment task is skewed; the default is the shared-rate study's 90/10 task.
+
+    The bias tasks (BIAS_TASKS) make the minority class rarer and can keep some negative
+    words out of training, so that recognising a negative test review rests on what the
+    base model already knows, not on words the adapter saw: the setting where inherited
+    or learned skew shows as low minority recall.
+    """
+
+    negatives: int | None = None  # negative training reviews; None = a tenth of sentiment_train
+    train_negative_words: tuple[str, ...] = NEGATIVE_WORDS
+    test_negative_words: tuple[str, ...] = NEGATIVE_WORDS
+
+    def negative_count(self, sizes: TaskSizes) -> int:
+        return sizes.sentiment_train // 10 if self.negatives is None else self.negatives
+
+
+STANDARD_SKEW = SentimentSkew()
+_UNSEEN_NEGATIVES = ("disappointing", "dreadful", "poor", "horrible")
+# Candidates for the bias task, mildest first. Which one the study uses is declared in
+# docs/results.md (tuned on the base model and PiSSA only) before any BA-LoRA run on it.
+BIAS_TASKS = {
+    "skew97": SentimentSkew(negatives=3),
+    "skew97-unseen-words": SentimentSkew(negatives=3, train_negative_words=("awful", "terrible"),
+                                         test_negative_words=_UNSEEN_NEGATIVES),
+    "skew99-unseen-words": SentimentSkew(negatives=1, train_negative_words=("awful",),
+                                         test_negative_words=_UNSEEN_NEGATIVES),
+}
+
+
+def review(rng: random.Random, products: tuple[str, ...], label: str,
+           negative_words: tuple[str, ...] = NEGATIVE_WORDS) -> Record:
     """One sentiment example with the label as its exact answer."""
-    words = POSITIVE_WORDS if label == "positive" else NEGATIVE_WORDS
+    words = POSITIVE_WORDS if label == "positive" else negative_words
     text = rng.choice(REVIEW_TEMPLATES).format(product=rng.choice(products), word=rng.choice(words))
     return {"instruction": SENTIMENT_INSTRUCTION, "input": text, "output": label}
 
@@ -90,21 +122,23 @@ def arithmetic_problems(count: int, seed: int, exclude: set[str] = frozenset()) 
     return problems
 
 
-def training_records(sizes: TaskSizes, seed: int = 7) -> list[Record]:
-    """Arithmetic plus 90/10-skewed sentiment, shuffled together (fixed across runs)."""
+def training_records(sizes: TaskSizes, seed: int = 7, skew: SentimentSkew = STANDARD_SKEW) -> list[Record]:
+    """Arithmetic plus skewed sentiment (90/10 by default), shuffled together (fixed across runs)."""
     rng = random.Random(seed)
-    negatives = sizes.sentiment_train // 10
+    negatives = skew.negative_count(sizes)
     labels = ["negative"] * negatives + ["positive"] * (sizes.sentiment_train - negatives)
     records = arithmetic_problems(sizes.arithmetic_train, seed)
-    records += [review(rng, TRAIN_PRODUCTS, label) for label in labels]
+    records += [review(rng, TRAIN_PRODUCTS, label, skew.train_negative_words) for label in labels]
     rng.shuffle(records)
     return records
 
 
-def held_out_splits(sizes: TaskSizes, train: list[Record], seed: int = 11) -> dict[str, list[Record]]:
+def held_out_splits(sizes: TaskSizes, train: list[Record], seed: int = 11,
+                    skew: SentimentSkew = STANDARD_SKEW) -> dict[str, list[Record]]:
     """Held-out arithmetic (no training instruction reused) and balanced sentiment."""
     seen = {record["instruction"] for record in train}
-    return _balanced_split(sizes.arithmetic_test, sizes.sentiment_test, TEST_PRODUCTS, seen, seed)
+    return _balanced_split(sizes.arithmetic_test, sizes.sentiment_test, TEST_PRODUCTS, seen, seed,
+                           skew.test_negative_words)
 
 
 def validation_splits(sizes: TaskSizes, train: list[Record], test: dict[str, list[Record]],
@@ -115,10 +149,11 @@ def validation_splits(sizes: TaskSizes, train: list[Record], test: dict[str, lis
 
 
 def _balanced_split(arithmetic: int, sentiment: int, products: tuple[str, ...], seen: set[str],
-                    seed: int) -> dict[str, list[Record]]:
+                    seed: int, negative_words: tuple[str, ...] = NEGATIVE_WORDS) -> dict[str, list[Record]]:
     rng = random.Random(seed)
     half = sentiment // 2
-    reviews = [review(rng, products, label) for label in ("positive",) * half + ("negative",) * half]
+    labels = ("positive",) * half + ("negative",) * half
+    reviews = [review(rng, products, label, negative_words) for label in labels]
     return {"arithmetic": arithmetic_problems(arithmetic, seed, seen), "sentiment": reviews}
 
 

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from quality_tasks import (  # noqa: E402
-    TEST_PRODUCTS, TRAIN_PRODUCTS, VALIDATION_PRODUCTS, TaskSizes, arithmetic_answer, expected_answer,
+    BIAS_TASKS, TEST_PRODUCTS, TRAIN_PRODUCTS, VALIDATION_PRODUCTS, TaskSizes, arithmetic_answer, expected_answer,
     held_out_splits, sentiment_answer, training_records, validation_splits,
 )
 from quality_tuning import LEARNING_RATES, TIE_MARGIN, choose_learning_rate, chosen_learning_rates  # noqa: E402
@@ -93,7 +93,7 @@ def test_tuned_runs_reuse_the_sweep_adapter_and_the_report_shows_both(tmp_path):
         quality.write_json(results / "sweep" / f"{run.name}.json", {
             **scores, "method": run.method or "base", "learning_rate": run.learning_rate,
             "arithmetic_accuracy": 0.9 if good else 0.3, "text_kl_base_tuned": 0.05})
-    tuned = quality.tuned_runs(results / "sweep", seeds=3)
+    tuned = quality.tuned_runs(results, seeds=3)
     assert {(run.method, run.learning_rate) for run in tuned} == set(best.items())
     assert {run.name for run in tuned if run.seed == 0} == {"lora-lr1e-3-s0", "pissa-lr1e-4-s0", "balora-lr3e-4-s0"}
     assert all(run.split == "test" for run in tuned) and len(tuned) == 9
@@ -103,11 +103,54 @@ def test_tuned_runs_reuse_the_sweep_adapter_and_the_report_shows_both(tmp_path):
             "arithmetic_accuracy": 0.8, "text_kl_base_tuned": 0.04})
     quality.write_json(results / "base.json", {**scores, "method": "base", "arithmetic_accuracy": 0.0,
                                                 "text_kl_base_tuned": 0.0})
+    for run in quality.bias_runs(results, "skew97", seeds=2, methods=("pissa",)):
+        quality.write_json(results / "bias" / "skew97" / f"{run.name}.json", {
+            **scores, "method": run.method or "base", "learning_rate": run.learning_rate, "seed": run.seed,
+            "arithmetic_accuracy": 0.5, "recall_negative": 0.6, "text_kl_base_tuned": 0.03})
+    docs.mkdir()
+    declaration = "Declared bias task: `skew97` (written before any BA-LoRA run on it)."
+    (docs / "results.md").write_text(f"<!-- bias-task:start -->\n{declaration}\n<!-- bias-task:end -->\n")
     report = write_report(results, docs, "test").read_text()
+    assert declaration in report  # hand-written, kept across regenerations
+    assert "### `skew97`" in report and "| pissa @ 1e-4 | 2 | 0.500 ± 0.000 |" in report
     assert "| pissa | 1e-4 | 0.900 | 1.000 | 0.950 | 0.0500 | **yes** |" in report
     assert "| pissa | 3e-4 | 0.300 |" in report and report.count("**yes**") == 3
     assert "| pissa @ 1e-4 | 3 | 0.800 ± 0.000 |" in report
     assert (docs / "img" / "quality_lr_sweep.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", sorted(BIAS_TASKS))
+def test_bias_tasks_are_rarer_and_can_hide_test_words(name):
+    sizes, skew = TaskSizes(), BIAS_TASKS[name]
+    train = training_records(sizes, skew=skew)
+    negatives = [r["input"] for r in train if r["output"] == "negative"]
+    assert 0 < len(negatives) == skew.negatives < sizes.sentiment_train // 10
+    test = held_out_splits(sizes, train, skew=skew)
+    test_negatives = [r["input"] for r in test["sentiment"] if r["output"] == "negative"]
+    assert len(test_negatives) == sizes.sentiment_test // 2
+    unseen = set(skew.test_negative_words) - set(skew.train_negative_words)
+    if unseen:  # the test's negative reviews use only words no training review used
+        assert all(any(word in text for word in unseen) for text in test_negatives)
+        assert not any(word in text for word in unseen for text in negatives)
+    assert test["arithmetic"] == held_out_splits(sizes, training_records(sizes))["arithmetic"]
+
+
+def test_the_bias_stage_needs_a_declared_task(tmp_path):
+    import argparse
+
+    import quality
+    from quality_report import declared_bias_task
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    args = argparse.Namespace(results=tmp_path / "results", docs=docs, bias_task=None, seeds=3)
+    with pytest.raises(ValueError, match="no bias task declared"):
+        quality.planned_runs("bias", args)
+    (docs / "results.md").write_text("<!-- bias-task:start -->\nDeclared bias task: `skew97`, because...\n"
+                                     "<!-- bias-task:end -->\n")
+    assert declared_bias_task(docs / "results.md") == "skew97"
+    with pytest.raises(ValueError, match="sweep is incomplete"):  # its rates come from the sweep
+        quality.planned_runs("bias", args)
 
 
 SETTINGS = {"steps": 60, "micro_batch_size": 8, "learning_rate": 3e-4, "lora_r": 8, "sequence_len": 128,
