@@ -19,7 +19,8 @@ from quality_tasks import (  # noqa: E402
 )
 from quality_tuning import LEARNING_RATES, TIE_MARGIN, choose_learning_rate, chosen_learning_rates  # noqa: E402
 
-# sha256 of the test split the committed shared-rate runs were scored on (it must never move).
+# sha256 of the data the committed shared-rate runs trained and were scored on (it must never move).
+TRAIN_SHA256 = "6f44e9813d636711418a1a42d876155d549b69d06659aaaf5b2c47e0b30dff61"
 TEST_SPLIT_SHA256 = "c0804bb73ec8d9bcc2c2c14a21841d9fa9c73d9e18311ab11e4ea38f7c498a4c"
 
 
@@ -43,6 +44,7 @@ def test_validation_split_never_sees_training_or_test():
     train = training_records(sizes)
     test = held_out_splits(sizes, train)
     validation = validation_splits(sizes, train, test)
+    assert hashlib.sha256(json.dumps(train).encode()).hexdigest() == TRAIN_SHA256
     assert hashlib.sha256(json.dumps(test, sort_keys=True).encode()).hexdigest() == TEST_SPLIT_SHA256
     seen = {r["instruction"] for r in train} | {r["instruction"] for r in test["arithmetic"]}
     assert len({r["instruction"] for r in validation["arithmetic"]} - seen) == sizes.arithmetic_validation
