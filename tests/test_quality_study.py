@@ -99,6 +99,8 @@ def test_tuned_runs_reuse_the_sweep_adapter_and_the_report_shows_both(tmp_path):
     assert {(run.method, run.learning_rate) for run in tuned} == set(best.items())
     assert {run.name for run in tuned if run.seed == 0} == {"lora-lr1e-3-s0", "pissa-lr1e-4-s0", "balora-lr3e-4-s0"}
     assert all(run.split == "test" for run in tuned) and len(tuned) == 9
+    ablations = quality.ablation_runs(results, seeds=3)
+    assert {run.learning_rate for run in ablations} == {best["balora"]} and len(ablations) == 12
     for run in tuned:
         quality.write_json(results / "tuned" / f"{run.name}.json", {
             **scores, "method": run.method, "learning_rate": run.learning_rate, "seed": run.seed,
@@ -119,6 +121,17 @@ def test_tuned_runs_reuse_the_sweep_adapter_and_the_report_shows_both(tmp_path):
     assert "| pissa | 3e-4 | 0.300 |" in report and report.count("**yes**") == 3
     assert "| pissa @ 1e-4 | 3 | 0.800 ± 0.000 |" in report
     assert (docs / "img" / "quality_lr_sweep.png").stat().st_size > 0
+
+
+def test_every_method_is_a_valid_balora_config():
+    import quality
+    from axolotl_balora.args import config_from_mapping
+
+    for method, keys in quality.METHODS.items():
+        if keys["adapter"] == "balora":
+            config = config_from_mapping(keys)
+            assert config.lambda_diversity == keys.get("balora_lambda_diversity", 0.005), method
+    assert config_from_mapping(quality.METHODS["balora-constant-lambdas"]).lambda_schedule == "constant"
 
 
 @pytest.mark.parametrize("name", sorted(BIAS_TASKS))
