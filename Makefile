@@ -122,7 +122,7 @@ test-0.21: $(INSTALLED_0.21)
 	$(PY_0.21) ci/prepare_demo.py
 	PATH=$(abspath $(VENV_0.21))/bin:$$PATH $(PY_0.21) -m pytest -ra $(TESTS_0.21)
 
-# The quality study (docs/results.md): about two hours on 2 CPU cores, resumable.
+# The quality study (docs/results.md): shared rate, learning-rate sweep, tuned rates; hours on 2 CPU cores, resumable.
 quality: python-check $(INSTALLED)
 	$(PY) ci/prepare_demo.py
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) benchmarks/quality.py

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
+import re
 import statistics
 from pathlib import Path
+
+from quality_tuning import TIE_MARGIN, choose_learning_rate, learning_rate_tag, task_score
 
 METHOD_ORDER = ("base", "lora", "lora-lr1e-3", "pissa", "balora",
                 "balora-consistency-only", "balora-diversity-only", "balora-svd-only")
@@ -26,12 +30,15 @@ METRICS = (
     ("train_seconds", "train s", "-"),
 )
 CHART_METRICS = METRICS[:6]
-FINDINGS_START, FINDINGS_END = "<!-- findings:start -->", "<!-- findings:end -->"
-PLACEHOLDER = "_No findings written yet: read the table._"
+# Hand-written blocks of results.md that regeneration keeps: (marker name, text when absent).
+FINDINGS = ("findings", "_No findings written yet: read the table._")
+BIAS_DECLARATION = ("bias-task", "_No bias task declared yet._")
+# The line in the bias-task block that names the task (benchmarks/quality.py reads it).
+DECLARED_BIAS_TASK = re.compile(r"^Declared bias task: `([A-Za-z0-9_-]+)`", re.MULTILINE)
 
 
 def load_runs(results: Path) -> dict[str, list[dict]]:
-    """Per-run JSON grouped by method, in the study's method order."""
+    """Per-run JSON of one folder grouped by method, in the study's method order."""
     grouped: dict[str, list[dict]] = {}
     for path in sorted(results.glob("*.json")):
         run = json.loads(path.read_text())
@@ -54,7 +61,7 @@ def cell(runs: list[dict], key: str) -> str:
 
 
 def table(grouped: dict[str, list[dict]]) -> str:
-    """Markdown table: one row per method, mean ± sd over its seeds."""
+    """Markdown table: one row per group (method, or method at a rate), mean ± sd over its seeds."""
     header = "| method | runs | " + " | ".join(title for _, title, _ in METRICS) + " |"
     better = "| | | " + " | ".join(direction for _, _, direction in METRICS) + " |"
     rule = "|" + "---|" * (len(METRICS) + 2)
@@ -89,22 +96,124 @@ def chart(grouped: dict[str, list[dict]], target: Path) -> None:
     plt.close(figure)
 
 
-def kept_findings(results_md: Path) -> str:
-    """The hand-written findings of an earlier report, or a placeholder."""
+def by_method_and_rate(grouped: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Tuned runs regrouped as "method @ lr": a method's seeds at its chosen rate form one row."""
+    regrouped: dict[str, list[dict]] = {}
+    for method, runs in grouped.items():
+        for run in runs:
+            rate = run.get("learning_rate")
+            regrouped.setdefault(method if rate is None else f"{method} @ {learning_rate_tag(rate)}", []).append(run)
+    return regrouped
+
+
+def sweep_table(grouped: dict[str, list[dict]]) -> str:
+    """One row per sweep point, validation scores, the rule's pick marked."""
+    rows = ["| method | learning rate | arithmetic acc. | sentiment acc. | task score | KL(base‖tuned) | chosen |",
+            "|---|---|---|---|---|---|---|"]
+    for method, runs in grouped.items():
+        chosen = choose_learning_rate(runs) if method != "base" else None
+        for run in sorted(runs, key=lambda run: run["learning_rate"] or 0):
+            rate = "–" if run["learning_rate"] is None else learning_rate_tag(run["learning_rate"])
+            rows.append(f"| {method} | {rate} | {run['arithmetic_accuracy']:.3f} | {run['sentiment_accuracy']:.3f} | "
+                        f"{task_score(run):.3f} | {run['text_kl_base_tuned']:.4f} | "
+                        f"{'**yes**' if chosen is not None and run['learning_rate'] == chosen else ''} |")
+    return "\n".join(rows)
+
+
+def frontier_chart(grouped: dict[str, list[dict]], target: Path) -> None:
+    """Validation task score against drift for every sweep point: who gets more accuracy per drift."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 5))
+    for method, runs in grouped.items():
+        runs = sorted(runs, key=lambda run: run["learning_rate"] or 0)
+        points = [(run["text_kl_base_tuned"], task_score(run)) for run in runs if not math.isnan(task_score(run))]
+        style = {"marker": "s", "color": "#999999", "linestyle": ""} if method == "base" else {"marker": "o"}
+        axis.plot([x for x, _ in points], [y for _, y in points], label=method, **style)
+        for run in runs:
+            if run["learning_rate"] is not None:
+                axis.annotate(learning_rate_tag(run["learning_rate"]), (run["text_kl_base_tuned"], task_score(run)),
+                              textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axis.set_xlabel("KL(base ‖ tuned) on validation text (lower: less drift)")
+    axis.set_ylabel("validation task score (mean of the two accuracies)")
+    axis.set_title("Learning-rate sweep, one seed per point (labels: learning rate)", fontsize=10)
+    axis.legend()
+    figure.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, dpi=90)
+    plt.close(figure)
+
+
+def sweep_section(results: Path, docs: Path) -> str:
+    """The sweep's table and chart, or a line saying it has not been run."""
+    grouped = load_runs(results / "sweep") if (results / "sweep").is_dir() else {}
+    if not grouped:
+        return "_Not run yet: `benchmarks/quality.py --stage sweep`._"
+    frontier_chart(grouped, docs / "img" / "quality_lr_sweep.png")
+    return f"""Scored on the validation split only (its own problems, products and play, *Twelfth Night*).
+Rule, fixed before any tuned run: highest task score (mean of the two accuracies); rates within
+{TIE_MARGIN} of it tie, and the lowest KL among ties wins (`benchmarks/quality_tuning.py`).
+
+{sweep_table(grouped)}
+
+![accuracy against drift](img/quality_lr_sweep.png)"""
+
+
+def stage_section(results: Path, stage: str) -> str:
+    """Test scores of a tuned-rate stage's runs (method @ rate), or a line saying it has not run."""
+    grouped = load_runs(results / stage) if (results / stage).is_dir() else {}
+    if not grouped:
+        return f"_Not run yet: `benchmarks/quality.py --stage {stage}` (after the sweep)._"
+    return table(by_method_and_rate(grouped))
+
+
+def kept_block(results_md: Path, block: tuple[str, str]) -> str:
+    """A hand-written block of an earlier report between its markers, or its placeholder."""
+    start, end = markers(block)
     if results_md.is_file():
         text = results_md.read_text()
-        if FINDINGS_START in text and FINDINGS_END in text:
-            return text.split(FINDINGS_START, 1)[1].split(FINDINGS_END, 1)[0].strip()
-    return PLACEHOLDER
+        if start in text and end in text:
+            return text.split(start, 1)[1].split(end, 1)[0].strip()
+    return block[1]
+
+
+def markers(block: tuple[str, str]) -> tuple[str, str]:
+    return f"<!-- {block[0]}:start -->", f"<!-- {block[0]}:end -->"
+
+
+def kept_with_markers(results_md: Path, block: tuple[str, str]) -> str:
+    start, end = markers(block)
+    return f"{start}\n{kept_block(results_md, block)}\n{end}"
+
+
+def declared_bias_task(results_md: Path) -> str | None:
+    """The bias task named in results.md's hand-written declaration, if one was written."""
+    match = DECLARED_BIAS_TASK.search(kept_block(results_md, BIAS_DECLARATION))
+    return match.group(1) if match else None
+
+
+def bias_section(results: Path, results_md: Path) -> str:
+    """The declaration (kept), then one table per task folder: tuning runs and the final runs."""
+    parts = [kept_with_markers(results_md, BIAS_DECLARATION)]
+    for folder in sorted((results / "bias").glob("*/")) if (results / "bias").is_dir() else []:
+        grouped = load_runs(folder)
+        if grouped:
+            parts.append(f"### `{folder.name}` (test, mean ± sd over seeds)\n\n{table(by_method_and_rate(grouped))}")
+    return "\n\n".join(parts)
 
 
 def write_report(results: Path, docs: Path, command: str) -> Path:
-    """Write <docs>/results.md and <docs>/img/quality.png from the JSON in `results`."""
+    """Write <docs>/results.md and its charts under <docs>/img/ from the JSON in `results`."""
     grouped = load_runs(results)
     if not grouped:
         raise SystemExit(f"no run results in {results}")
-    runs = [run for group in grouped.values() for run in group]
-    settings = runs[-1]["settings"]
+    folders = [results, *(results / stage for stage in ("sweep", "tuned", "ablations")),
+               *sorted((results / "bias").glob("*/"))]
+    runs = [run for folder in folders if folder.is_dir() for group in load_runs(folder).values() for run in group]
+    settings = next(iter(grouped.values()))[-1]["settings"]  # the same in every run but the rate
     compute = sum(run.get("train_seconds", 0) + run["score_seconds"] for run in runs)
     chart(grouped, docs / "img" / "quality.png")
     target = docs / "results.md"
@@ -117,15 +226,33 @@ Per-run JSON: `{_relative(results)}/`. Report regenerated {datetime.date.today()
 
 ## Findings
 
-{FINDINGS_START}
-{kept_findings(target)}
-{FINDINGS_END}
+{kept_with_markers(target, FINDINGS)}
 
-## Results (mean ± sd over seeds)
+## Results at one shared learning rate (mean ± sd over seeds)
 
 {table(grouped)}
 
 ![quality chart](img/quality.png)
+
+## Learning-rate sweep (validation)
+
+{sweep_section(results, docs)}
+
+## Results at each method's chosen learning rate (test, mean ± sd over seeds)
+
+{stage_section(results, "tuned")}
+
+## Ablations at BA-LoRA's chosen learning rate (test, mean ± sd over seeds)
+
+Diversity and SVD alone at λ = 0.1 (20× the spec's 0.005, which moved nothing measurable in
+the shared-rate study), consistency alone at the spec's 0.025, and full BA-LoRA with constant
+λ instead of the paper's schedule.
+
+{stage_section(results, "ablations")}
+
+## A bias task that does not saturate
+
+{bias_section(results, target)}
 
 ## Setup
 
@@ -138,6 +265,9 @@ Per-run JSON: `{_relative(results)}/`. Report regenerated {datetime.date.today()
   the paper's schedule); PiSSA is the same initialization with every lambda 0.
   `lora-lr1e-3` is outside that rule on purpose: LoRA at learning rate 1e-3, to see whether
   LoRA only loses because one shared learning rate suits it less.
+- Tuned rates: LoRA, PiSSA and BA-LoRA each at every rate of `LEARNING_RATES` in
+  benchmarks/quality_tuning.py (seed 0, validation scores), then several seeds at the rate
+  the rule chose, scored on test; everything else as above.
 - Training data: {settings["tasks"]["arithmetic_train"]} arithmetic word problems and
   {settings["tasks"]["sentiment_train"]} sentiment reviews (90% positive), one mixed alpaca dataset.
 - Scoring, with the exported adapter loaded by vanilla PEFT: greedy answers to
