@@ -60,6 +60,9 @@ def base_config(model_dir: Path, dataset: Path, workdir: Path, **overrides: Any)
         # on that default.
         "bf16": False,
         "fp16": False,
+        # Factors cached by one test never feed another: checks that compare a run's factors bit
+        # for bit with a one-thread recomputation need the run to have computed them itself.
+        "balora_init_cache": str(workdir / "init-cache"),
         # Triton LoRA kernels auto-enable for lora and crash without CUDA.
         "lora_mlp_kernel": False,
         "lora_qkv_kernel": False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,7 +15,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 # The plugin caches PiSSA factors by default; tests (and their subprocesses) never touch ~/.cache.
-os.environ.setdefault("BALORA_INIT_CACHE_DIR", tempfile.mkdtemp(prefix="balora-init-cache-"))
+# A folder made here is removed when the session ends (pytest_sessionfinish).
+_OWN_INIT_CACHE = None if "BALORA_INIT_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="balora-init-cache-")
+if _OWN_INIT_CACHE is not None:
+    os.environ["BALORA_INIT_CACHE_DIR"] = _OWN_INIT_CACHE
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _OWN_INIT_CACHE is not None:
+        shutil.rmtree(_OWN_INIT_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
