@@ -74,7 +74,8 @@ ABLATIONS = ("balora-consistency-only", "balora-diversity-only", "balora-svd-onl
 # At the spec's 0.005 the diversity and SVD terms moved nothing measurable (docs/results.md),
 # so the tuned-rate ablations give them 20x that; plus the paper's schedule vs constant lambdas.
 STRONG_LAMBDA = 0.1
-METHODS["balora-diversity-only-0.1"] = {"adapter": "balora", **NO_REGULARIZERS, "balora_lambda_diversity": STRONG_LAMBDA}
+METHODS["balora-diversity-only-0.1"] = {"adapter": "balora", **NO_REGULARIZERS,
+                                        "balora_lambda_diversity": STRONG_LAMBDA}
 METHODS["balora-svd-only-0.1"] = {"adapter": "balora", **NO_REGULARIZERS, "balora_lambda_svd": STRONG_LAMBDA}
 METHODS["balora-constant-lambdas"] = {"adapter": "balora", "balora_lambda_schedule": "constant"}
 TUNED_ABLATIONS = ("balora-consistency-only", "balora-diversity-only-0.1", "balora-svd-only-0.1",

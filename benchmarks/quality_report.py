@@ -197,7 +197,24 @@ def declared_bias_task(results_md: Path) -> str | None:
 
 def bias_section(results: Path, results_md: Path) -> str:
     """The declaration (kept), then one table per task folder: tuning runs and the final runs."""
-    parts = [kept_with_markers(results_md, BIAS_DECLARATION)]
+    from quality_tasks import BIAS_TASKS
+
+    candidates = "\n".join(
+        f"- `{name}`: {skew.negatives} of the 100 training reviews negative, using "
+        f"{', '.join(skew.train_negative_words)}; the balanced test's negatives use "
+        f"{', '.join(skew.test_negative_words)}"
+        for name, skew in BIAS_TASKS.items())
+    parts = [f"""The 90/10 task saturated (every PiSSA run reached minority recall 1.000). Candidates
+(`BIAS_TASKS` in benchmarks/quality_tasks.py), mildest first:
+
+{candidates}
+
+Procedure: each candidate is tuned on the base model and PiSSA only
+(`benchmarks/quality.py --stage bias --bias-task NAME`, PiSSA at its chosen rate, 3 seeds) until
+PiSSA's minority recall is clearly below 1 (about 0.5–0.8 over seeds); the task is then declared
+in the block below (by hand, before any BA-LoRA or LoRA run on it), and
+`benchmarks/quality.py --stage bias` runs every method on the declared task only.""",
+             kept_with_markers(results_md, BIAS_DECLARATION)]
     for folder in sorted((results / "bias").glob("*/")) if (results / "bias").is_dir() else []:
         grouped = load_runs(folder)
         if grouped:
