@@ -60,9 +60,6 @@ def base_config(model_dir: Path, dataset: Path, workdir: Path, **overrides: Any)
         # on that default.
         "bf16": False,
         "fp16": False,
-        # Factors cached by one test never feed another: checks that compare a run's factors bit
-        # for bit with a one-thread recomputation need the run to have computed them itself.
-        "balora_init_cache": str(workdir / "init-cache"),
         # Triton LoRA kernels auto-enable for lora and crash without CUDA.
         "lora_mlp_kernel": False,
         "lora_qkv_kernel": False,
@@ -138,6 +135,10 @@ def run_axolotl(command: str, config: dict[str, Any], workdir: Path, extra_args:
         "WANDB_MODE": "disabled",
         "HF_HUB_OFFLINE": "1",
         "TRL_EXPERIMENTAL_SILENCE": "1",
+        # The PiSSA factor cache (`balora_init_cache: auto`) lives in the run's folder: factors
+        # cached by one test never feed another, so checks that compare a run's factors bit for
+        # bit with a one-thread recomputation see factors the run computed itself.
+        "BALORA_INIT_CACHE_DIR": str(workdir / "init-cache"),
         **(extra_env or {}),
     }
     return subprocess.run(
