@@ -17,7 +17,9 @@ from quality_tasks import (  # noqa: E402
     BIAS_TASKS, TEST_PRODUCTS, TRAIN_PRODUCTS, VALIDATION_PRODUCTS, TaskSizes, arithmetic_answer, expected_answer,
     held_out_splits, sentiment_answer, training_records, validation_splits,
 )
-from quality_tuning import LEARNING_RATES, TIE_MARGIN, choose_learning_rate, chosen_learning_rates  # noqa: E402
+from quality_tuning import (  # noqa: E402
+    LEARNING_RATES, TIE_MARGIN, choose_learning_rate, chosen_learning_rates, run_name,
+)
 
 # sha256 of the data the committed shared-rate runs trained and were scored on (it must never move).
 TRAIN_SHA256 = "6f44e9813d636711418a1a42d876155d549b69d06659aaaf5b2c47e0b30dff61"
@@ -75,7 +77,7 @@ def test_the_rule_breaks_ties_by_lower_drift():
 
 def test_an_incomplete_sweep_names_the_missing_runs():
     points = [sweep_point("lora", rate, 0.5, 0.5, 0.1) for rate in LEARNING_RATES[:-1]]
-    with pytest.raises(ValueError, match=r"lora-lr3e-3-s0 first"):
+    with pytest.raises(ValueError, match=rf"{run_name('lora', LEARNING_RATES[-1], 0)} first"):
         chosen_learning_rates(points, ["lora"])
     with pytest.raises(ValueError, match="no sweep point"):
         choose_learning_rate([sweep_point("lora", 1e-4, float("nan"), float("nan"), 0.1)])
