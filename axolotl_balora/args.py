@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, model_validator
 
 from .core.config import BALoRAConfig
+from .kernels import settle_kernel_keys
 
 ADAPTER_NAME = "balora"
 _DEFAULTS = BALoRAConfig()
@@ -31,10 +32,6 @@ UNSUPPORTED_WITH_BALORA = {
     "BA-LoRA on a quantized base is not supported yet",
     "gptq": "BA-LoRA needs a dense base weight for its PiSSA init",
     "peft_use_dora": "BA-LoRA is a LoRA method, not DoRA",
-    "lora_mlp_kernel": "the fused LoRA kernels bypass the PEFT forward that BA-LoRA relies on",
-    "lora_qkv_kernel": "the fused LoRA kernels bypass the PEFT forward that BA-LoRA relies on",
-    "lora_o_kernel": "the fused LoRA kernels bypass the PEFT forward that BA-LoRA relies on",
-    "lora_embedding_kernel": "the fused LoRA kernels bypass the PEFT forward that BA-LoRA relies on",
     "flash_attn_fuse_mlp": "fused MLP modules are not LoRA targets",
     "use_onebitllms": "one-bit LLM layers are not LoRA targets",
     "relora": "ReLoRA restarts would drop the frozen initial factors",
@@ -126,9 +123,13 @@ def _deepspeed_config(value: Any) -> dict[str, Any] | None:
     return None
 
 
+def _zero_section(data: dict[str, Any]) -> dict[str, Any]:
+    """The `zero_optimization` section of the `deepspeed:` value ({} without one)."""
+    return (_deepspeed_config(data.get("deepspeed")) or {}).get("zero_optimization") or {}
+
+
 def _check_zero3_save(data: dict[str, Any]) -> None:
-    config = _deepspeed_config(data.get("deepspeed"))
-    zero = (config or {}).get("zero_optimization") or {}
+    zero = _zero_section(data)
     if zero.get("stage") != 3 or any(zero.get(key) is True for key in ZERO3_GATHER_KEYS):
         return
     source = data["deepspeed"] if isinstance(data["deepspeed"], str) else "the inline config"
@@ -187,6 +188,7 @@ class BALoRAArgs(BaseModel):
             _check_sequence_splitting(data)
             _check_zero3_save(data)
             _check_fsdp_loading(data)
+            settle_kernel_keys(data, _zero_section(data).get("stage"))
         return data
 
     @model_validator(mode="after")

@@ -16,7 +16,7 @@ from axolotl.loaders.adapter import load_lora
 from axolotl.utils.dict import DictDefault
 from transformers import PreTrainedModel, Trainer
 
-from . import plugin_names
+from . import kernels, plugin_names
 from .args import ADAPTER_NAME, config_from_mapping
 from .core.export import is_balora_model, save_sharded_balora_adapter
 from .core.init import apply_balora
@@ -82,6 +82,15 @@ class BALoRAPlugin(BasePlugin):
 
     def get_adapter_capabilities(self) -> list[AdapterCapabilities]:
         return [AdapterCapabilities(name=ADAPTER_NAME, lora_like=True)]
+
+    def pre_model_load(self, cfg: DictDefault) -> None:
+        """Before axolotl patches its fused LoRA kernels in, let them take BA-LoRA's stacked pair."""
+        if _is_balora(cfg) and any(cfg.get(key) for key in kernels.KERNEL_KEYS):
+            kernels.install_kernel_support()
+
+    def post_model_load(self, cfg: DictDefault, model: PreTrainedModel) -> None:
+        if _is_balora(cfg) and any(cfg.get(key) for key in kernels.KERNEL_KEYS):
+            kernels.report_patched_layers(model)
 
     def post_model_build(self, cfg: DictDefault, model: PreTrainedModel) -> None:
         """Axolotl enables gradient checkpointing before adapters only for lora/qlora; do it for balora."""

@@ -12,6 +12,7 @@ from axolotl.utils.dict import DictDefault
 from axolotl_balora import BALoRAPlugin
 from axolotl_balora.args import BALORA_KEYS, SEQUENCE_SPLITTING_KEYS, UNSUPPORTED_WITH_BALORA
 from axolotl_balora.core.config import BALoRAConfig
+from axolotl_balora.kernels import KERNEL_KEYS
 from axolotl_balora.plugin import BALoRATrainer
 from axolotl_cli import base_config
 
@@ -100,13 +101,49 @@ def test_sequence_splitting_is_refused_but_degree_one_is_fine(make_config, key):
     assert _validate(make_config(**_splitting(key, 1))).adapter == "balora"
 
 
-def test_fused_lora_kernels_are_not_auto_enabled_for_balora(make_config):
-    """Axolotl auto-enables Triton LoRA kernels for lora/qlora; they would bypass BA-LoRA's forward."""
-    validated = _validate(
-        make_config(lora_mlp_kernel=None, lora_qkv_kernel=None, lora_o_kernel=None)
-    )
-    for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel"):
-        assert not validated.get(key), key
+KERNEL_KEYS_UNSET = dict.fromkeys(KERNEL_KEYS)
+GPU = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_90"}
+CPU = {**GPU, "bf16": False, "tf32": False, "compute_capability": None}
+
+
+def _kernels(cfg: DictDefault, capabilities: dict | None) -> dict:
+    prepare_plugins(cfg)
+    env = {"torch_version": "2.13.0"} if capabilities is not None else None
+    validated = validate_config(cfg, capabilities=capabilities, env_capabilities=env)
+    return {key: bool(validated.get(key)) for key in KERNEL_KEYS}
+
+
+@pytest.mark.parametrize("extra", [{}, {"trust_remote_code": True}, {"rl": "dpo"}], ids=["plain", "remote-code", "rl"])
+def test_kernels_are_on_by_default_exactly_where_axolotl_turns_them_on_for_lora(make_config, extra):
+    """On a GPU, `adapter: balora` gets the kernels axolotl gives `adapter: lora`, under the same conditions."""
+    balora = _kernels(make_config(**KERNEL_KEYS_UNSET, **extra), GPU)
+    lora = _kernels(make_config(adapter="lora", balora_lambda_schedule=None, **KERNEL_KEYS_UNSET, **extra), GPU)
+    assert balora == lora
+    assert all(balora.values()) == (not extra)
+
+
+def test_on_cpu_the_mlp_kernel_stays_off_and_the_torch_kernels_go_on(make_config):
+    """The MLP kernel's Triton activation needs CUDA; the qkv / o kernels are torch code."""
+    assert _kernels(make_config(**KERNEL_KEYS_UNSET), CPU) == {
+        "lora_mlp_kernel": False, "lora_qkv_kernel": True, "lora_o_kernel": True, "lora_embedding_kernel": True}
+    assert not any(_kernels(make_config(**KERNEL_KEYS_UNSET), None).values())  # no capabilities: as for LoRA
+
+
+def test_kernel_keys_the_user_set_are_kept(make_config):
+    chosen = {**KERNEL_KEYS_UNSET, "lora_qkv_kernel": True, "lora_o_kernel": False}
+    assert _kernels(make_config(**chosen), GPU) == {
+        "lora_mlp_kernel": False, "lora_qkv_kernel": True, "lora_o_kernel": False, "lora_embedding_kernel": False}
+
+
+ZERO3 = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
+
+
+@pytest.mark.parametrize(("extra", "reason"), [({"lora_dropout": 0.05}, "one dropout mask"),
+                                               ({"deepspeed": ZERO3}, "ZeRO-3")], ids=["dropout", "zero3"])
+def test_kernels_stay_off_where_balora_cannot_be_exact_and_asking_is_refused(make_config, extra, reason):
+    assert not any(_kernels(make_config(**KERNEL_KEYS_UNSET, **extra), GPU).values())
+    with pytest.raises(Exception, match=f"lora_qkv_kernel: true is not supported with adapter: balora here: .*{reason}"):
+        _kernels(make_config(**{**KERNEL_KEYS_UNSET, "lora_qkv_kernel": True}, **extra), GPU)
 
 
 def test_plugin_does_nothing_unless_adapter_is_balora(make_config):
