@@ -7,7 +7,10 @@ records each optimizer step's time and the training process's peak RSS. Rows:
 * `lora`             axolotl's plain LoRA (`adapter: lora`, default init): the baseline;
 * `balora`           `adapter: balora` with the default settings (paper schedule, fused loss);
 * `balora-terms-off` the same with every lambda 0: PiSSA init + frozen factors only;
-* `official-style`   PEFT's PiSSA, a separate reference copy, full-vocabulary softmaxes.
+* `official-style`   PEFT's PiSSA, a separate reference copy, full-vocabulary softmaxes;
+* `lora-kernels`     `lora` with axolotl's fused LoRA kernels that run on CPU (qkv, o): the
+                     baseline a LoRA user gets by default (axolotl turns them on for LoRA);
+* `balora-kernels`   `balora` with the same kernels (BA-LoRA's default on CPU).
 
 Data: pre-tokenized random tokens, every row exactly `--seq` long and every label scored,
 so each step sees the same number of tokens. Repetitions interleave the rows (rotated
@@ -39,8 +42,12 @@ from overhead import LORA_RANK, REPO, Stat, run_meta, smollm2_spec
 from step_timer import RESULT_FILE
 
 BENCHMARKS = Path(__file__).resolve().parent
-ROWS = ("lora", "balora", "balora-terms-off", "official-style")
+ROWS = ("lora", "balora", "balora-terms-off", "official-style", "lora-kernels", "balora-kernels")
 BASELINE = "lora"
+# Each row's ratios are taken against the row of the same kernel setting.
+BASELINE_OF = {"lora-kernels": "lora-kernels", "balora-kernels": "lora-kernels"}
+# The fused LoRA kernels that run on CPU (the MLP kernel's activation is Triton, GPU only).
+CPU_KERNELS = {"lora_qkv_kernel": True, "lora_o_kernel": True}
 DEFAULT_INIT = "pissa_niter_4"
 TARGETS = {"step time": 1.40, "peak memory": 1.00}  # BA-LoRA (default settings) / plain LoRA
 
@@ -48,6 +55,8 @@ TARGETS = {"step time": 1.40, "peak memory": 1.00}  # BA-LoRA (default settings)
 def row_keys(row: str, init: str) -> dict[str, Any]:
     """The YAML keys that make a row what it is (everything else is shared)."""
     timer = "step_timer.StepTimerPlugin"
+    if row.endswith("-kernels"):
+        return {**row_keys(row.removesuffix("-kernels"), init), **CPU_KERNELS}
     if row == "lora":
         return {"plugins": [timer], "adapter": "lora"}
     if row == "official-style":
@@ -73,7 +82,6 @@ def config_for(row: str, model_path: str, data: Path, workdir: Path, args: argpa
     """One row's full YAML: a plain Axolotl LoRA config plus the row's adapter keys."""
     return {
         "base_model": model_path,
-        **row_keys(row, args.init),
         "lora_r": LORA_RANK, "lora_alpha": LORA_RANK, "lora_dropout": 0.0, "lora_target_linear": True,
         "datasets": [{"path": str(data), "ds_type": "json"}],
         "dataset_prepared_path": str(workdir / "prepared"),
@@ -83,6 +91,7 @@ def config_for(row: str, model_path: str, data: Path, workdir: Path, args: argpa
         "output_dir": str(workdir / "out"), "logging_steps": 1, "save_strategy": "no",
         "bf16": False, "fp16": False, "attn_implementation": args.attn,
         "lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False,
+        **row_keys(row, args.init),
     }
 
 
@@ -118,7 +127,8 @@ def step_time(result: dict[str, Any]) -> float:
 
 
 def summarize(results: list[dict[str, Any]], rows: list[str]) -> dict[str, dict[str, Any]]:
-    """Per row: step time, peak RSS, peak RSS before training and wall time, with ratios to LoRA."""
+    """Per row: step time, peak RSS, peak RSS before training and wall time, with ratios to the
+    LoRA row of the same kernel setting (`BASELINE_OF`)."""
     measures = {
         "step_s": step_time,
         "peak_mib": lambda r: r["peak_rss_mib"],
@@ -129,10 +139,10 @@ def summarize(results: list[dict[str, Any]], rows: list[str]) -> dict[str, dict[
     for row in rows:
         mine = [r for r in results if r["row"] == row]
         summary[row] = {name: asdict(Stat.of([get(r) for r in mine])) for name, get in measures.items()}
-    if BASELINE in summary:
-        for row, stats in summary.items():
-            stats["ratios"] = {name: stats[name]["median"] / summary[BASELINE][name]["median"]
-                               for name in measures}
+    for row, stats in summary.items():
+        baseline = summary.get(BASELINE_OF.get(row, BASELINE))
+        if baseline is not None:
+            stats["ratios"] = {name: stats[name]["median"] / baseline[name]["median"] for name in measures}
     return summary
 
 
@@ -144,18 +154,21 @@ def markdown(summary: dict[str, dict[str, Any]]) -> str:
         ratio_text = f" | {ratio:.2f}" if ratio is not None else " | –"
         return f"{s['median']:.{digits}f} ({s['low']:.{digits}f}–{s['high']:.{digits}f}){ratio_text}"
 
-    lines = ["| row | step s, median (min–max) | × LoRA | peak RSS MiB | × LoRA "
-             "| peak before training MiB | × LoRA | whole run s | × LoRA |",
+    lines = ["| row | step s, median (min–max) | × its LoRA | peak RSS MiB | × its LoRA "
+             "| peak before training MiB | × its LoRA | whole run s | × its LoRA |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row, stats in summary.items():
         lines.append(f"| {row} | {cell(stats, 'step_s', 2)} | {cell(stats, 'peak_mib', 0)} "
                      f"| {cell(stats, 'peak_before_training_mib', 0)} | {cell(stats, 'wall_s', 0)} |")
-    balora = summary.get("balora", {}).get("ratios")
-    if balora:
+    verdicts = [(row, summary[row]["ratios"]) for row in ("balora", "balora-kernels")
+                if "ratios" in summary.get(row, {})]
+    if verdicts:
         lines.append("")
+    for row, ratios in verdicts:
+        baseline = BASELINE_OF.get(row, BASELINE)
         for (name, limit), key in zip(TARGETS.items(), ("step_s", "peak_mib")):
-            verdict = "PASS" if balora[key] <= limit else "MISS"
-            lines.append(f"- BA-LoRA {name} {balora[key]:.3f}× LoRA (target ≤ {limit:.2f}×): {verdict}")
+            verdict = "PASS" if ratios[key] <= limit else "MISS"
+            lines.append(f"- {row} {name} {ratios[key]:.3f}× {baseline} (target ≤ {limit:.2f}×): {verdict}")
     return "\n".join(lines)
 
 

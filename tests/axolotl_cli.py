@@ -73,9 +73,10 @@ def base_config(model_dir: Path, dataset: Path, workdir: Path, **overrides: Any)
     return config
 
 
-def run_axolotl_train(config: dict[str, Any], workdir: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_axolotl_train(config: dict[str, Any], workdir: Path, timeout: int = 900,
+                      extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`axolotl train config.yml --launcher python` with the venv's bin first on PATH."""
-    return run_axolotl("train", config, workdir, ["--launcher", "python"], timeout=timeout)
+    return run_axolotl("train", config, workdir, ["--launcher", "python"], timeout=timeout, extra_env=extra_env)
 
 
 def resume_after_step2(config: dict[str, Any], source_output: Path, workdir: Path,

@@ -130,3 +130,25 @@ def test_fsdp2_rank0_loading_keeps_the_frozen_factors_frozen(tiny_llama_dir, tin
     assert len(logs) == config["max_steps"] and abs(logs[0]["balora/consistency"]) < 1e-4
     assert all(0 < log["grad_norm"] < float("inf") for log in logs)
     assert_saved_adapters_reproduce_the_run(tmp_path, tiny_llama_dir, tmp_path / "reload", lora_r=config["lora_r"])
+
+
+@pytest.mark.parametrize("uninterrupted", ["FULL_STATE_DICT"], indirect=True)
+def test_fsdp2_with_the_fused_lora_kernels_trains_like_the_unfused_run(uninterrupted, tiny_llama_dir, tiny_dataset,
+                                                                        tmp_path):
+    """`lora_qkv_kernel` / `lora_o_kernel` on 2 FSDP2 ranks: the kernels read the trainable pair
+    outside its module's forward (axolotl unshards it) and still get BA-LoRA's stacked update."""
+    config = {**uninterrupted["config"], "output_dir": str(tmp_path / "out"),
+              "dataset_prepared_path": str(tmp_path / "prepared"), "lora_qkv_kernel": True, "lora_o_kernel": True}
+    text = ok(fsdp2_run(config, tmp_path))
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert f"a fused LoRA kernel computed {name} " in text, name
+    probe = tmp_path / "probe"
+    begin = torch.load(probe / "logits_begin.pt")
+    assert begin["engine"].startswith("FSDP")
+    assert torch.equal(begin["on"], begin["off"])
+    torch.testing.assert_close(begin["off"], pretrained_logits(tiny_llama_dir, probe), rtol=1e-5, atol=1e-5)
+    assert_saved_adapters_reproduce_the_run(tmp_path, tiny_llama_dir, tmp_path / "reload", lora_r=config["lora_r"])
+    unfused = safetensors.torch.load_file(uninterrupted["workdir"] / "out" / "adapter_model.safetensors")
+    fused = safetensors.torch.load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert fused.keys() == unfused.keys()
+    assert max((fused[k] - unfused[k]).abs().max().item() for k in fused) <= RESUME_TOLERANCE
