@@ -18,6 +18,12 @@ order). Nothing sets GLIBC_TUNABLES: the allocator is what a user gets.
 
     python benchmarks/overhead_cli.py --reps 3 --steps 3 --out outputs/benchmarks/overhead-cli.json
     python benchmarks/overhead_cli.py --tiny --reps 1     # a smoke test on a random tiny LLaMA
+
+On a GPU (benchmarks/gpu_check.py runs this): a random-weight model of a real shape, the
+kernels as axolotl sets them for each adapter, bf16, flash-attention 2 and sample packing:
+
+    python benchmarks/overhead_cli.py --shape llama3.2-1b --kernels auto --bf16 --packing \
+        --attn flash_attention_2 --rows lora balora --reps 2 --seq 2048
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from typing import Any
 import yaml
 
 from official_style import peft_init_weights
-from overhead import LORA_RANK, REPO, Stat, run_meta, smollm2_spec
+from overhead import LORA_RANK, REPO, TINY_SHAPE, Stat, run_meta, smollm2_spec
 from step_timer import RESULT_FILE
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -79,20 +85,28 @@ def write_dataset(path: Path, vocab_size: int, rows: int, seq: int, seed: int) -
 
 
 def config_for(row: str, model_path: str, data: Path, workdir: Path, args: argparse.Namespace) -> dict:
-    """One row's full YAML: a plain Axolotl LoRA config plus the row's adapter keys."""
-    return {
+    """One row's full YAML: a plain Axolotl LoRA config plus the row's adapter keys.
+
+    `--kernels auto` leaves every kernel key out: each adapter gets what axolotl (and the
+    plugin, for BA-LoRA) turns on by default on this machine.
+    """
+    config = {
         "base_model": model_path,
         "lora_r": LORA_RANK, "lora_alpha": LORA_RANK, "lora_dropout": 0.0, "lora_target_linear": True,
         "datasets": [{"path": str(data), "ds_type": "json"}],
         "dataset_prepared_path": str(workdir / "prepared"),
-        "val_set_size": 0, "sequence_len": args.seq, "sample_packing": False,
+        "val_set_size": 0, "sequence_len": args.seq, "sample_packing": args.packing,
         "micro_batch_size": args.batch, "gradient_accumulation_steps": 1, "max_steps": args.steps + 1,
         "learning_rate": 1e-5, "optimizer": "adamw_torch", "lr_scheduler": "constant", "seed": 0,
         "output_dir": str(workdir / "out"), "logging_steps": 1, "save_strategy": "no",
-        "bf16": False, "fp16": False, "attn_implementation": args.attn,
+        "bf16": args.bf16, "fp16": False, "attn_implementation": args.attn,
         "lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False,
         **row_keys(row, args.init),
     }
+    if args.kernels == "auto":
+        for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"):
+            config.pop(key)
+    return config
 
 
 @dataclass
@@ -126,12 +140,17 @@ def step_time(result: dict[str, Any]) -> float:
     return statistics.median(result["step_times_s"][1:])
 
 
+def peak_memory(result: dict[str, Any]) -> float:
+    """Peak allocated CUDA memory on a GPU, peak RSS of the training process on CPU (MiB)."""
+    return result["cuda_peak_mib"] if result.get("cuda_peak_mib") is not None else result["peak_rss_mib"]
+
+
 def summarize(results: list[dict[str, Any]], rows: list[str]) -> dict[str, dict[str, Any]]:
     """Per row: step time, peak RSS, peak RSS before training and wall time, with ratios to the
     LoRA row of the same kernel setting (`BASELINE_OF`)."""
     measures = {
         "step_s": step_time,
-        "peak_mib": lambda r: r["peak_rss_mib"],
+        "peak_mib": peak_memory,
         "peak_before_training_mib": lambda r: r["peak_rss_at_train_begin_mib"],
         "wall_s": lambda r: r["wall_s"],
     }
@@ -154,7 +173,7 @@ def markdown(summary: dict[str, dict[str, Any]]) -> str:
         ratio_text = f" | {ratio:.2f}" if ratio is not None else " | –"
         return f"{s['median']:.{digits}f} ({s['low']:.{digits}f}–{s['high']:.{digits}f}){ratio_text}"
 
-    lines = ["| row | step s, median (min–max) | × its LoRA | peak RSS MiB | × its LoRA "
+    lines = ["| row | step s, median (min–max) | × its LoRA | peak MiB (RSS; CUDA on a GPU) | × its LoRA "
              "| peak before training MiB | × its LoRA | whole run s | × its LoRA |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row, stats in summary.items():
@@ -172,17 +191,37 @@ def markdown(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def tiny_model(workdir: Path) -> str:
-    """A random tiny LLaMA saved with SmolLM2's tokenizer (for --tiny)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama3.2-1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192,
+                    "tie_word_embeddings": True},
+}
 
-    from overhead import TINY_SHAPE
+
+def word_level_tokenizer(vocab_size: int):
+    """A tokenizer of `vocab_size` made-up words: the data is pre-tokenized, and axolotl only
+    needs the special tokens (no model hub, no SmolLM2 conversion on a GPU machine)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {token: i for i, token in enumerate(special)}
+    vocab.update({f"w{i}": i for i in range(len(special), vocab_size)})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+
+
+def random_model(workdir: Path, shape: dict[str, Any]) -> str:
+    """A random-weight LLaMA of `shape` with a made-up tokenizer (for --tiny and --shape)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY_SHAPE))
+    model = LlamaForCausalLM(LlamaConfig(**shape))
     model.save_pretrained(workdir)
-    AutoTokenizer.from_pretrained(smollm2_spec("sdpa")["path"]).save_pretrained(workdir)
+    word_level_tokenizer(shape["vocab_size"]).save_pretrained(workdir)
     return str(workdir)
 
 
@@ -194,28 +233,41 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="runs per row, interleaved")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--init", default=DEFAULT_INIT, help="init of the BA-LoRA and official-style rows")
-    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
+    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
+    parser.add_argument("--kernels", default="off", choices=("off", "auto"),
+                        help="off: every kernel key false (the *-kernels rows set qkv / o); "
+                             "auto: no kernel keys, each adapter gets its default")
+    parser.add_argument("--bf16", action="store_true", help="bf16: true (a GPU run)")
+    parser.add_argument("--packing", action="store_true", help="sample_packing: true")
     parser.add_argument("--launcher", default=None, choices=("accelerate", "python"),
                         help="axolotl's --launcher (default: axolotl's own default)")
-    parser.add_argument("--tiny", action="store_true", help="a random tiny LLaMA: a smoke test")
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--tiny", action="store_true", help="a random tiny LLaMA: a smoke test")
+    shape.add_argument("--shape", choices=sorted(SHAPES), help="a random-weight LLaMA of this shape (GPU)")
     parser.add_argument("--out", type=Path, help="write all measurements and the summary as JSON")
     args = parser.parse_args()
 
-    spec = smollm2_spec(args.attn)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="balora-cli-data-") as tmp:
-        model_path = tiny_model(Path(tmp) / "model") if args.tiny else spec["path"]
-        vocab = 4096 if args.tiny else 49152
+        shape = TINY_SHAPE if args.tiny else SHAPES.get(args.shape)
+        if shape is None:
+            spec = smollm2_spec(args.attn)
+            vocab = 49152
+        else:
+            spec = {"name": "tiny" if args.tiny else args.shape, "config": shape, "attn": args.attn,
+                    "path": random_model(Path(tmp) / "model", shape)}
+            vocab = shape["vocab_size"]
+        model_path = spec["path"]
         data = Path(tmp) / "data.jsonl"
         write_dataset(data, vocab, args.batch * (args.steps + 1), args.seq, seed=0)
-        meta = run_meta(args, {**spec, "path": model_path})
+        meta = run_meta(args, spec)
         results = []
         for rep in range(args.reps):
             shift = rep % len(args.rows)
             for row in args.rows[shift:] + args.rows[:shift]:
                 result = run_job(Job(row, rep), model_path, data, args)
                 print(f"  rep {rep + 1}/{args.reps} {row:17s} {step_time(result):6.2f} s/step  "
-                      f"peak {result['peak_rss_mib']:6.0f} MiB  run {result['wall_s']:5.0f} s", flush=True)
+                      f"peak {peak_memory(result):6.0f} MiB  run {result['wall_s']:5.0f} s", flush=True)
                 results.append(result)
     summary = summarize(results, args.rows)
     print("\n" + markdown(summary))

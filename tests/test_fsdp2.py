@@ -145,7 +145,8 @@ def test_fsdp2_with_the_fused_lora_kernels_trains_like_the_unfused_run(uninterru
     probe = tmp_path / "probe"
     begin = torch.load(probe / "logits_begin.pt")
     assert begin["engine"].startswith("FSDP")
-    assert torch.equal(begin["on"], begin["off"])
+    # the MLP projections (no kernel) take PEFT's two-adapter forward under FSDP2: (x + y) - y
+    assert (begin["on"] - begin["off"]).abs().max() <= 1e-6 * begin["off"].abs().max()
     torch.testing.assert_close(begin["off"], pretrained_logits(tiny_llama_dir, probe), rtol=1e-5, atol=1e-5)
     assert_saved_adapters_reproduce_the_run(tmp_path, tiny_llama_dir, tmp_path / "reload", lora_r=config["lora_r"])
     unfused = safetensors.torch.load_file(uninterrupted["workdir"] / "out" / "adapter_model.safetensors")
