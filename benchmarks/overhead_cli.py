@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from official_style import peft_init_weights
@@ -87,8 +88,9 @@ def write_dataset(path: Path, vocab_size: int, rows: int, seq: int, seed: int) -
 def config_for(row: str, model_path: str, data: Path, workdir: Path, args: argparse.Namespace) -> dict:
     """One row's full YAML: a plain Axolotl LoRA config plus the row's adapter keys.
 
-    `--kernels auto` leaves every kernel key out: each adapter gets what axolotl (and the
-    plugin, for BA-LoRA) turns on by default on this machine.
+    `--kernels auto` leaves every kernel key out on a GPU: each adapter gets what axolotl (and
+    the plugin, for BA-LoRA) turns on by default. Without CUDA it sets the kernels that run on
+    CPU (qkv, o), which is BA-LoRA's CPU default; LoRA's would include the Triton MLP kernel.
     """
     config = {
         "base_model": model_path,
@@ -106,6 +108,8 @@ def config_for(row: str, model_path: str, data: Path, workdir: Path, args: argpa
     if args.kernels == "auto":
         for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"):
             config.pop(key)
+        if not torch.cuda.is_available():  # axolotl would turn on the Triton MLP kernel for LoRA and crash
+            config.update(CPU_KERNELS, lora_mlp_kernel=False)
     return config
 
 
