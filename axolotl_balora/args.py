@@ -11,9 +11,9 @@ import difflib
 import json
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, get_type_hints
 
-from pydantic import BaseModel, model_validator
+from pydantic import create_model, model_validator
 
 from .core.config import BALoRAConfig
 from .kernels import settle_kernel_keys
@@ -155,26 +155,19 @@ def _check_fsdp_loading(data: dict[str, Any]) -> None:
             )
 
 
-class BALoRAArgs(BaseModel):
-    """BA-LoRA options (see README for each key's meaning).
+# One optional YAML key per BALoRAConfig field, typed as the field (a new option is written
+# once, in the core). Unset keys stay None on non-BA-LoRA configs, so a dumped config can be
+# validated again; on `adapter: balora` they are filled with the spec's defaults.
+_BALoRAKeys = create_model(
+    "_BALoRAKeys",
+    **{f"balora_{name}": (Optional[hint], None) for name, hint in get_type_hints(BALoRAConfig).items()},
+)
 
-    Unset keys stay None on non-BA-LoRA configs, so a dumped config can be
-    validated again; on `adapter: balora` they are filled with the spec's
-    defaults (`BALoRAConfig`), which is what the run uses.
-    """
 
-    balora_lambda_consistency: float | None = None
-    balora_lambda_diversity: float | None = None
-    balora_lambda_svd: float | None = None
-    balora_temperature: float | None = None
-    balora_diversity_top_k: int | None = None
-    balora_svd_top_k: int | None = None
-    balora_svd_norm: str | None = None
-    balora_init: str | None = None
-    balora_init_cache: str | bool | None = None
-    balora_lambda_schedule: str | None = None
-    balora_chunk_size: int | None = None
-    balora_task: str | None = None
+class BALoRAArgs(_BALoRAKeys):
+    """BA-LoRA options (each key's meaning: README and docs/guide.md); the checks that need
+    the rest of the Axolotl config (adapter, engines, kernels) run here, the value checks in
+    the core's `BALoRAConfig`."""
 
     @model_validator(mode="before")
     @classmethod

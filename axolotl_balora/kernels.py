@@ -3,7 +3,7 @@
 
 The kernels take one LoRA pair per projection from `axolotl.kernels.lora.get_lora_parameters`.
 For a BA-LoRA layer the pair handed over is the rank-2r stacked one
-(`core.adapter_forward.stacked_update_factors`), so the kernels compute W x + s (B A - B0 A0) x
+(`core.adapter.layer.stacked_update_factors`), so the kernels compute W x + s (B A - B0 A0) x
 exactly, zero at the init. Three things live here:
 
 * which keys a config ends up with (`settle_kernel_keys`, run by the args validator): on by
@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .core.adapter_forward import BALoRALinear, stacked_update_factors
-from .core.init import lora_layers
+from .core.adapter.layer import BALoRALinear, stacked_update_factors
+from .core.adapter.pissa_init import lora_layers
 
 LOG = logging.getLogger(__name__)
 

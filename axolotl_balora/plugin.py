@@ -18,9 +18,9 @@ from transformers import PreTrainedModel, Trainer
 
 from . import kernels, plugin_names
 from .args import ADAPTER_NAME, config_from_mapping
-from .core.export import is_balora_model, save_sharded_balora_adapter
-from .core.init import apply_balora
-from .core.trainer import BALoRATrainerMixin
+from .core.adapter.export import is_balora_model, save_sharded_balora_adapter
+from .core.adapter.pissa_init import apply_balora
+from .core.training.trainer import BALoRATrainerMixin
 
 LOG = logging.getLogger(__name__)
 

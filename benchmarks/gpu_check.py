@@ -89,15 +89,15 @@ def _loss_inputs(device: str, dtype: torch.dtype, shape: tuple[int, int, int, in
 
 
 def _fused_loss(hidden, ref_hidden, weight, labels, config, lambdas) -> torch.Tensor:
-    from axolotl_balora.core.fused import LmHeadFactor
-    from axolotl_balora.core.regularizers import fused_regularizer_terms
+    from axolotl_balora.core.ops.fused import LmHeadFactor
+    from axolotl_balora.core.ops.regularizers import fused_regularizer_terms
 
     head_r = LmHeadFactor()
     return fused_regularizer_terms(hidden, ref_hidden, labels, weight, lambda: head_r(weight), config, lambdas).total
 
 
 def _plain_loss(hidden, ref_hidden, weight, labels, config, lambdas) -> torch.Tensor:
-    from axolotl_balora.core.regularizers import plain_regularizer_terms
+    from axolotl_balora.core.ops.regularizers import plain_regularizer_terms
 
     logits = hidden @ weight.T
     with torch.no_grad():
@@ -109,7 +109,7 @@ def _plain_loss(hidden, ref_hidden, weight, labels, config, lambdas) -> torch.Te
 def fused_memory_section(args: argparse.Namespace) -> dict[str, Any]:
     """Forward + backward of each loss path on the same inputs: peak memory, seconds, loss."""
     from axolotl_balora.core.config import BALoRAConfig
-    from axolotl_balora.core.schedules import lambdas_at
+    from axolotl_balora.core.ops.schedules import lambdas_at
 
     config = BALoRAConfig(lambda_schedule="constant")
     lambdas = lambdas_at(config, 0, 1)
@@ -137,7 +137,7 @@ def init_time_section(args: argparse.Namespace) -> dict[str, Any]:
     from peft import LoraConfig
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from axolotl_balora.core.init import apply_balora
+    from axolotl_balora.core.adapter.pissa_init import apply_balora
 
     shape = LAYER_SHAPE["smoke" if args.smoke else "gpu"]
     rank = 8 if args.smoke else 128

@@ -51,7 +51,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from peft import LoraConfig
 
-    from axolotl_balora.core.init import apply_balora
+    from axolotl_balora.core.adapter.pissa_init import apply_balora
 
     if "RANK" in os.environ:
         dist.init_process_group("gloo")

@@ -35,7 +35,7 @@ from transformers import Trainer
 
 from axolotl_balora.core import BALoRAConfig
 from axolotl_balora.core.config import parse_init
-from axolotl_balora.core.losses import IGNORE_INDEX
+from axolotl_balora.core.ops.losses import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor]
 

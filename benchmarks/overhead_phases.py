@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
-import axolotl_balora.core.trainer as trainer_module
+import axolotl_balora.core.training.trainer as trainer_module
 from overhead import DEFAULT_INIT, ROW_BUILDERS, load_model, random_batch, smollm2_spec
 
 PHASES = ("load", "adapter", "compute_loss (whole)", "trained forward", "reference forward", "fused loss", "backward", "optimizer")

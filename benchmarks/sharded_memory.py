@@ -4,7 +4,7 @@ Each row is a real `axolotl train` on 2 CPU ranks (torchrun, gloo) of a vocabula
 random LLaMA (vocab 128,256 as Llama-3, hidden 64, 2 layers), where the logits, not the
 model, dominate memory. `plain` sets `balora_chunk_size: 0` (the terms from full logits,
 trained and reference); `fused` keeps the default chunked loss, which gathers the sharded
-head once per micro-batch (`axolotl_balora/core/sharded_head.py`). The CPU ranks need the
+head once per micro-batch (`axolotl_balora/core/parallel/output_layer.py`). The CPU ranks need the
 tests' patch (tests/cpu_distributed: accelerate and axolotl select DeepSpeed / FSDP2 only
 for GPUs), as the 2-rank tests do. This module is also the plugin that records, on every
 rank, the peak RSS (`ru_maxrss`), the RSS when training starts and each step's seconds.

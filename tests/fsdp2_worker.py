@@ -18,9 +18,9 @@ from peft import LoraConfig
 from torch.distributed.fsdp import fully_shard
 
 from axolotl_balora.core import BALoRAConfig, apply_balora
-from axolotl_balora.core.hidden_states import fused_path_blocker
-from axolotl_balora.core.regularizers import plain_regularizer_terms
-from axolotl_balora.core.schedules import lambdas_at
+from axolotl_balora.core.training.loss_path import fused_path_blocker
+from axolotl_balora.core.ops.regularizers import plain_regularizer_terms
+from axolotl_balora.core.ops.schedules import lambdas_at
 from tiny_models import tiny_llama, token_batch
 
 

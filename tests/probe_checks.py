@@ -18,7 +18,7 @@ import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
-from axolotl_balora.core.init import apply_balora
+from axolotl_balora.core.adapter.pissa_init import apply_balora
 from cpu_distributed.balora_probe import probe_tokens
 from vanilla_peft import vanilla_peft_logits
 

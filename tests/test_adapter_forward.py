@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from axolotl_balora.core.adapter_forward import BALoRALinear
-from axolotl_balora.core.init import apply_balora, lora_layers
+from axolotl_balora.core.adapter.layer import BALoRALinear
+from axolotl_balora.core.adapter.pissa_init import apply_balora, lora_layers
 from tiny_models import ARCHITECTURES, TARGETS, perturb_trainable, token_batch
 
 

@@ -58,22 +58,24 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel, TrainingArguments
 
-import axolotl_balora.core.trainer as trainer_module
+import axolotl_balora.core.training.loss_path as loss_path_module
+import axolotl_balora.core.training.trainer as trainer_module
 from axolotl_balora.core import BALoRAConfig, apply_balora
-from axolotl_balora.core.fused import LmHeadFactor
-from axolotl_balora.core.head_check import check_fused_head
-from axolotl_balora.core.hidden_states import final_hidden_states, fused_path_blocker
-from axolotl_balora.core.regularizers import (
+from axolotl_balora.core.ops.fused import LmHeadFactor
+from axolotl_balora.core.training.head_check import check_fused_head
+from axolotl_balora.core.training.hidden_states import final_hidden_states
+from axolotl_balora.core.training.loss_path import fused_path_blocker
+from axolotl_balora.core.ops.regularizers import (
     TERM_NAMES,
     FusedLoss,
     RegularizerTerms,
     fused_regularizer_terms,
     plain_regularizer_terms,
 )
-from axolotl_balora.core.schedules import lambdas_at
+from axolotl_balora.core.ops.schedules import lambdas_at
 from tiny_models import VOCAB, BALoRATrainer, perturb_trainable
 
-TRAINER_LOGGER = "axolotl_balora.core.trainer"
+TRAINER_LOGGER = "axolotl_balora.core.training"  # the mixin and its loss path
 RTOL, ATOL = 1e-5, 1e-6
 MIN_CONSISTENCY = 1e-4  # the moved adapter changes the output: the consistency comparison is not 0 == 0
 PERTURB_SCALE = 0.3
@@ -343,7 +345,7 @@ def training_step(peft_model: PeftModel, batch: dict[str, torch.Tensor], args: T
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=TRAINER_LOGGER):
         loss = trainer.compute_loss(peft_model, batch)
-    warnings = [record.getMessage() for record in caplog.records if record.name == TRAINER_LOGGER]
+    warnings = [record.getMessage() for record in caplog.records if record.name.startswith(TRAINER_LOGGER)]
     return Step(loss.detach(), trainer.balora_loss_path, warnings, fused)
 
 
@@ -427,7 +429,7 @@ def test_the_head_check_itself_catches_scaled_or_capped_heads(
     peft_model = balora_model(model_type, SCALED_HEADS[model_type])
     batch = token_batch()
     assert fused_path_blocker(peft_model) is not None  # the fast list knows them; switch it off
-    monkeypatch.setattr(trainer_module, "fused_path_blocker", lambda _model: None)
+    monkeypatch.setattr(loss_path_module, "fused_path_blocker", lambda _model: None)
     step = training_step(peft_model, batch, training_args, monkeypatch, caplog)
     assert step.path.startswith("plain") and HEAD_CHECK in step.path, step.path
     assert any(HEAD_CHECK in message for message in step.warnings)

@@ -33,19 +33,21 @@ from transformers import (
 )
 
 from axolotl_balora.core import BALoRAConfig, apply_balora
-from axolotl_balora.core import losses as losses_module
-from axolotl_balora.core.classification import (
-    classification_head,
+from axolotl_balora.core.ops import losses as losses_module
+from axolotl_balora.core.ops.classification_terms import (
     feature_consistency,
     logit_consistency_kl,
     logit_decorrelation,
     logit_svd_ratio,
+)
+from axolotl_balora.core.training.classification import (
+    classification_head,
     recorded_pooled_features,
     reference_features,
     uses_classification_form,
 )
-from axolotl_balora.core.regularizers import classification_regularizer_terms
-from axolotl_balora.core.schedules import Lambdas
+from axolotl_balora.core.ops.regularizers import classification_regularizer_terms
+from axolotl_balora.core.ops.schedules import Lambdas
 from tiny_models import VOCAB, BALoRATrainer, tiny_llama, token_batch
 from vanilla_peft import run_vanilla_script
 

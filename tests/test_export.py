@@ -8,8 +8,8 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from axolotl_balora.core.adapters import TRAINING_STATE_DIR
-from axolotl_balora.core.init import apply_balora
+from axolotl_balora.core.adapter.names import TRAINING_STATE_DIR
+from axolotl_balora.core.adapter.pissa_init import apply_balora
 from tiny_models import perturb_trainable, tiny_llama, token_batch
 from vanilla_peft import vanilla_peft_logits_of_each
 
@@ -69,7 +69,7 @@ def test_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path)
     good = (tmp_path / "adapter_model.safetensors").read_bytes()
 
-    import axolotl_balora.core.export as export
+    import axolotl_balora.core.adapter.export as export
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed during save")

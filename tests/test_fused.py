@@ -9,9 +9,9 @@ from peft import LoraConfig
 from transformers import TrainingArguments
 
 from axolotl_balora.core import BALoRAConfig, apply_balora
-from axolotl_balora.core.fused import LmHeadFactor, fused_losses, svd_ratio_from_hidden
-from axolotl_balora.core.hidden_states import fused_path_blocker
-from axolotl_balora.core.losses import consistency_kl, diversity_entropy, svd_ratio
+from axolotl_balora.core.ops.fused import LmHeadFactor, fused_losses, svd_ratio_from_hidden
+from axolotl_balora.core.training.loss_path import fused_path_blocker
+from axolotl_balora.core.ops.losses import consistency_kl, diversity_entropy, svd_ratio
 from tiny_models import perturb_trainable, prompted_batch, VOCAB, BALoRATrainer, tiny_llama
 
 RTOL_F32 = 1e-5
@@ -188,8 +188,8 @@ def test_trainer_fused_path_matches_plain_path_end_to_end(tmp_path):
     plain = _trainer(tmp_path, model, chunk_size=0)
     fused_loss, fused_grads = _loss_and_grads(fused, model)
     plain_loss, plain_grads = _loss_and_grads(plain, model)
-    assert fused._balora_fused_blocker is None
-    assert plain._balora_fused_blocker == "balora_chunk_size is 0"
+    assert fused.balora_loss_path == "fused (chunk 7)"
+    assert plain.balora_loss_path == "plain (balora_chunk_size is 0)"
     torch.testing.assert_close(fused_loss, plain_loss, rtol=RTOL_F32, atol=1e-7)
     for name in plain_grads:
         torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
@@ -207,7 +207,7 @@ def test_adapted_or_trained_lm_head_falls_back_to_plain_path(tmp_path, lora_kwar
     assert reason in fused_path_blocker(model)
     trainer = _trainer(tmp_path, model, chunk_size=7)
     loss, _ = _loss_and_grads(trainer, model)
-    assert trainer._balora_fused_blocker is not None and torch.isfinite(loss)
+    assert trainer.balora_loss_path.startswith("plain (") and torch.isfinite(loss)
 
 
 def test_a_head_transform_no_list_knows_is_caught_on_the_first_batch(tmp_path, caplog):
@@ -216,7 +216,7 @@ def test_a_head_transform_no_list_knows_is_caught_on_the_first_batch(tmp_path, c
     model = _perturbed_model()
     model.get_base_model().get_output_embeddings().register_forward_hook(lambda _m, _i, output: output / 8)
     assert fused_path_blocker(model) is None
-    with caplog.at_level("WARNING", logger="axolotl_balora.core.trainer"):
+    with caplog.at_level("WARNING", logger="axolotl_balora.core.training"):
         loss, grads = _loss_and_grads(_trainer(tmp_path, model, chunk_size=7), model)
     assert "differ from lm_head(final hidden states)" in caplog.text
     plain_loss, plain_grads = _loss_and_grads(_trainer(tmp_path, model, chunk_size=0), model)
@@ -228,7 +228,7 @@ def test_a_head_transform_no_list_knows_is_caught_on_the_first_batch(tmp_path, c
 def test_the_head_check_passes_a_plain_head_and_is_run_once(tmp_path, caplog):
     model = _perturbed_model()
     trainer = _trainer(tmp_path, model, chunk_size=7)
-    with caplog.at_level("INFO", logger="axolotl_balora.core.trainer"):
+    with caplog.at_level("INFO", logger="axolotl_balora.core.training"):
         for _ in range(2):
             _loss_and_grads(trainer, model)
     assert caplog.text.count("checked against the model's own log-probabilities") == 1
@@ -255,7 +255,7 @@ def test_known_head_transforms_are_a_shortcut_to_the_plain_path(attribute, value
 
 
 def test_failed_svd_is_skipped_counted_and_task_loss_still_trains(tmp_path, monkeypatch):
-    import axolotl_balora.core.fused as fused_module
+    import axolotl_balora.core.ops.fused as fused_module
 
     def failing_svdvals(*args, **kwargs):
         raise torch.linalg.LinAlgError("injected: did not converge")
@@ -374,7 +374,7 @@ def test_half_precision_lm_head_matches_the_models_own_logits():
 
 
 def test_a_zero3_partitioned_lm_head_keeps_the_fused_path():
-    """ZeRO-3 (ds_id) weights are gathered for the loss (`sharded_head`; 2-rank runs in
+    """ZeRO-3 (ds_id) weights are gathered for the loss (`parallel/output_layer.py`; 2-rank runs in
     tests/test_sharded_fused.py), so partitioning alone is no reason to go plain."""
     model = apply_balora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     model.get_base_model().get_output_embeddings().weight.ds_id = 7
@@ -387,7 +387,7 @@ def test_label_smoothing_keeps_the_parents_task_loss(tmp_path):
     trainer = _trainer(tmp_path, model, chunk_size=7)
     trainer.args.label_smoothing_factor = 0.1
     _loss_and_grads(trainer, model)
-    assert "label smoothing" in trainer._balora_fused_blocker
+    assert trainer.balora_loss_path.startswith("plain (") and "label smoothing" in trainer.balora_loss_path
 
 
 def test_a_term_switched_off_has_no_value():

@@ -16,10 +16,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainingArguments
 
 from axolotl_balora.core import BALoRAConfig, apply_balora
-from axolotl_balora.core.fused import LmHeadFactor
-from axolotl_balora.core.regularizers import fused_regularizer_terms
-from axolotl_balora.core.schedules import Lambdas
-from axolotl_balora.core.term_tally import TermTally
+from axolotl_balora.core.ops.fused import LmHeadFactor
+from axolotl_balora.core.ops.regularizers import fused_regularizer_terms
+from axolotl_balora.core.ops.schedules import Lambdas
+from axolotl_balora.core.training.term_tally import TermTally
 from tiny_models import VOCAB, BALoRATrainer, perturb_trainable, prompted_batch, tiny_llama
 
 aten = torch.ops.aten

@@ -8,8 +8,8 @@ import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
-from axolotl_balora.core.adapters import FROZEN_ADAPTER, TRAINABLE_ADAPTER
-from axolotl_balora.core.init import (
+from axolotl_balora.core.adapter.names import FROZEN_ADAPTER, TRAINABLE_ADAPTER
+from axolotl_balora.core.adapter.pissa_init import (
     activate_balora_adapters,
     apply_balora,
     check_frozen_factors_active,

@@ -12,8 +12,8 @@ import torch
 from axolotl.kernels import lora as axolotl_kernels
 from peft import LoraConfig
 
-from axolotl_balora.core.adapter_forward import stacked_update_factors
-from axolotl_balora.core.init import apply_balora, lora_layers
+from axolotl_balora.core.adapter.layer import stacked_update_factors
+from axolotl_balora.core.adapter.pissa_init import apply_balora, lora_layers
 from axolotl_balora.kernels import install_kernel_support
 from cpu_distributed import cpu_activation
 from tiny_models import perturb_trainable, tiny_llama

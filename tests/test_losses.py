@@ -1,6 +1,6 @@
 """The three regularizers against an independent float64 reference (spec section 2).
 
-The reference functions below never call into `axolotl_balora.core.losses`:
+The reference functions below never call into `axolotl_balora.core.ops.losses`:
 they loop over batch and positions, apply the causal shift by hand (position t
 is scored when labels[b, t + 1] != -100) and use explicit softmax / KL /
 entropy formulas and numpy.linalg.svd.
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from axolotl_balora.core import losses as losses_module
+from axolotl_balora.core.ops import losses as losses_module
 from axolotl_balora.core.config import BALoRAConfig
-from axolotl_balora.core.losses import consistency_kl, diversity_entropy, svd_ratio
-from axolotl_balora.core.regularizers import plain_regularizer_terms
-from axolotl_balora.core.schedules import Lambdas
+from axolotl_balora.core.ops.losses import consistency_kl, diversity_entropy, svd_ratio
+from axolotl_balora.core.ops.regularizers import plain_regularizer_terms
+from axolotl_balora.core.ops.schedules import Lambdas
 
 IGNORE = -100
 BATCH, SEQ, VOCAB = 2, 5, 7

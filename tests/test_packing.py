@@ -12,10 +12,10 @@ import torch
 from peft import LoraConfig
 
 from axolotl_balora.core import BALoRAConfig, apply_balora
-from axolotl_balora.core.fused import LmHeadFactor
-from axolotl_balora.core.hidden_states import final_hidden_states
-from axolotl_balora.core.regularizers import fused_regularizer_terms, plain_regularizer_terms
-from axolotl_balora.core.schedules import lambdas_at
+from axolotl_balora.core.ops.fused import LmHeadFactor
+from axolotl_balora.core.training.hidden_states import final_hidden_states
+from axolotl_balora.core.ops.regularizers import fused_regularizer_terms, plain_regularizer_terms
+from axolotl_balora.core.ops.schedules import lambdas_at
 from tiny_models import perturb_trainable, VOCAB, tiny_llama
 
 LENGTHS = (7, 5, 9)

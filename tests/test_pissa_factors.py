@@ -9,10 +9,10 @@ import safetensors.torch
 import torch
 from peft import LoraConfig
 
-import axolotl_balora.core.init as init_module
+import axolotl_balora.core.adapter.pissa_init as init_module
 from axolotl_balora.core.config import BALoRAConfig
-from axolotl_balora.core.init import apply_balora
-from axolotl_balora.core.pissa_factors import balanced_owners
+from axolotl_balora.core.adapter.pissa_init import apply_balora
+from axolotl_balora.core.adapter.pissa_factors import balanced_owners
 from tiny_models import tiny_llama
 
 CONFIG = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])

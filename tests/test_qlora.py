@@ -23,8 +23,8 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from axolotl_balora.core.config import BALoRAConfig
-from axolotl_balora.core.init import apply_balora, lora_layers, principal_factors
-from axolotl_balora.core.adapters import TRAINABLE_ADAPTER
+from axolotl_balora.core.adapter.pissa_init import apply_balora, lora_layers, principal_factors
+from axolotl_balora.core.adapter.names import TRAINABLE_ADAPTER
 from tiny_models import perturb_trainable, BALoRATrainer, tiny_llama, token_batch, token_dataset
 from vanilla_peft import vanilla_peft_logits
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from axolotl_balora.core.config import BALoRAConfig, parse_init
-from axolotl_balora.core.schedules import lambdas_at
+from axolotl_balora.core.ops.schedules import lambdas_at
 
 L1, L2, L3 = 0.025, 0.005, 0.004
 TOTAL = 1000

@@ -1,7 +1,7 @@
 """The fused loss under FSDP2 and ZeRO-3 through the real `axolotl train` CLI on 2 CPU ranks.
 
 The output layer's weight is sharded outside its forward; the fused loss gathers it
-(`axolotl_balora/core/sharded_head.py`). Each engine trains the same 2 steps twice:
+(`axolotl_balora/core/parallel/output_layer.py`). Each engine trains the same 2 steps twice:
 fused, and with `balora_chunk_size: 0` (the plain path, full logits). Same batches,
 same initial adapters, float32: the logged task loss, terms and gradient norm must
 agree, at step 1 (values) and at step 2 (after an update from the fused gradients).

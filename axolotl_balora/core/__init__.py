@@ -1,16 +1,16 @@
 """BA-LoRA core: pure torch + peft + transformers, usable without Axolotl."""
 
-from .classification import (
+from .ops.classification_terms import (
     feature_consistency,
     logit_consistency_kl,
     logit_decorrelation,
     logit_svd_ratio,
 )
 from .config import BALoRAConfig
-from .init import apply_balora
-from .losses import consistency_kl, diversity_entropy, svd_ratio
-from .schedules import lambdas_at
-from .trainer import BALoRATrainerMixin
+from .adapter.pissa_init import apply_balora
+from .ops.losses import consistency_kl, diversity_entropy, svd_ratio
+from .ops.schedules import lambdas_at
+from .training.trainer import BALoRATrainerMixin
 
 __all__ = [
     "BALoRAConfig",

@@ -6,10 +6,11 @@ value gets the same message whether it comes from Python or from a YAML file.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from .pissa_factors import default_cache_dir
 
 INIT_CHOICES = ("pissa", "pissa_niter_<N>", "gaussian")
 SCHEDULE_CHOICES = ("paper", "constant")
@@ -23,6 +24,14 @@ CLASSIFICATION_DEFAULTS = {
     "svd_top_k": 5,
 }
 _PISSA_NITER = re.compile(r"^pissa_niter_(\d+)$")
+
+
+def default_cache_dir() -> Path:
+    """BALORA_INIT_CACHE_DIR, else $XDG_CACHE_HOME (or ~/.cache)/axolotl_balora/pissa."""
+    if os.environ.get("BALORA_INIT_CACHE_DIR"):
+        return Path(os.environ["BALORA_INIT_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "axolotl_balora" / "pissa"
 
 
 def parse_init(init: str) -> tuple[str, int | None]:

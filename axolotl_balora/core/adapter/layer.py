@@ -31,18 +31,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from .adapters import FROZEN_ADAPTER, TRAINABLE_ADAPTER
+from ..parallel.sharding import is_sharded
+from .names import FROZEN_ADAPTER, TRAINABLE_ADAPTER
 
 BALORA_ADAPTERS = {TRAINABLE_ADAPTER, FROZEN_ADAPTER}
-
-
-def _partitioned(weight: torch.Tensor) -> bool:
-    """A DeepSpeed ZeRO-3 parameter or an FSDP2 DTensor shard: gathered only by hooks
-    on the adapter's own submodules, so only their own forwards may read it."""
-    return hasattr(weight, "ds_id") or isinstance(weight, DTensor)
 
 
 class BALoRALinear(LoraLinear):
@@ -61,7 +55,7 @@ class BALoRALinear(LoraLinear):
         return (
             self.runs_both_adapters()
             and kwargs.get("adapter_names") is None
-            and not _partitioned(self.lora_A[TRAINABLE_ADAPTER].weight)
+            and not is_sharded(self.lora_A[TRAINABLE_ADAPTER].weight)
         )
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,7 +99,7 @@ def stacked_update_factors(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.
     if not isinstance(layer, BALoRALinear) or not layer.runs_both_adapters():
         return None
     a, b, a0, minus_b0 = layer._factors()
-    if _partitioned(a) or _partitioned(b):
+    if is_sharded(a) or is_sharded(b):
         raise RuntimeError(
             "BA-LoRA: a fused LoRA kernel asked for the factors of a layer whose trainable factors "
             "are still sharded (ZeRO-3 partition or FSDP2 DTensor); set the lora_*_kernel keys to false"

@@ -3,13 +3,13 @@
 Works on top of any `transformers.Trainer` subclass (plain Trainer, TRL's
 SFTTrainer, Axolotl's trainer): put it first in the bases, e.g.
 `class MyTrainer(BALoRATrainerMixin, Trainer)`, and pass `balora_config=`.
-On the fused path the task loss and the terms come from the final hidden
-states (no logits are built); on the plain path the task loss comes from the
-parent's `compute_loss`. Either way it is normalized exactly as the parent
-would (token-weighted under gradient accumulation and across devices).
-A `*ForSequenceClassification` model gets the classification form instead
-(per-example logits and pooled features, `classification.py`); the
-`task` field of BALoRAConfig overrides that choice.
+Which loss runs is chosen once per model by `loss_path.py`: on the fused path
+the task loss and the terms come from the final hidden states (no logits are
+built); on the plain path the task loss comes from the parent's `compute_loss`;
+a `*ForSequenceClassification` model gets the classification form (per-example
+logits and pooled features, `classification.py`). Either way the terms are
+normalized exactly as the parent's loss (token-weighted under gradient
+accumulation and across devices). The mixin keeps only the Trainer hooks.
 """
 
 from __future__ import annotations
@@ -24,36 +24,27 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from .config import BALoRAConfig
-from .adapters import TRAINING_STATE_DIR
-from .checkpoint import check_compatible, load_training_state
-from .export import is_balora_model, save_sharded_balora_adapter
-from .classification import recorded_pooled_features, reference_features, uses_classification_form
-from .init import activate_balora_adapters, check_frozen_factors_active, restore_frozen_factor_buffers
-from .fused import LmHeadFactor
-from .head_check import check_fused_head
-from .hidden_states import final_hidden_states, fused_path_blocker
-from .losses import IGNORE_INDEX
+from ..config import BALoRAConfig
+from ..adapter.names import TRAINING_STATE_DIR
+from ..adapter.checkpoint import check_compatible, load_training_state
+from ..adapter.export import is_balora_model, save_sharded_balora_adapter
+from .classification import recorded_pooled_features, reference_features
+from ..adapter.pissa_init import activate_balora_adapters, restore_frozen_factor_buffers
+from .hidden_states import final_hidden_states
+from .loss_path import CLASSIFICATION, LossPath, choose_loss_path, output_layer_key
+from ..ops.losses import IGNORE_INDEX
 from .model_inputs import inputs_from_parent, reference_before_forward, replayed_random_state, without_task_keys
-from .regularizers import (
+from ..ops.regularizers import (
     RegularizerTerms,
     classification_regularizer_terms,
     fused_regularizer_terms,
     plain_regularizer_terms,
 )
-from .schedules import Lambdas, lambdas_at
-from .sharded_head import full_head_weight, head_sharding
+from ..ops.schedules import Lambdas, lambdas_at
+from ..parallel.output_layer import full_head_weight
 from .term_tally import TermTally
 
 LOG = logging.getLogger(__name__)
-
-
-def _head_key(peft_model: nn.Module) -> tuple:
-    """What the loss-path choice depends on: the model, its output layer, that layer's weight
-    (the Parameter object, not its storage, which ZeRO-3 and FSDP2 swap) and its dtype."""
-    head = peft_model.get_base_model().get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    return id(peft_model), id(head), None if weight is None else (id(weight), weight.dtype)
 
 
 def _fsdp2_sharded_state_dict(trainer: Any) -> bool:
@@ -80,23 +71,13 @@ class BALoRATrainerMixin:
         super().__init__(*args, **kwargs)
         self.balora_config = balora_config or BALoRAConfig()
         self._balora_tally = TermTally()
-        self._balora_path_key: tuple | None = None
-        self._balora_classification = False
-        self._balora_fused_blocker: str | None = None
-        self._balora_head_checked = False
-        self._balora_head_r = LmHeadFactor()  # replaced by _choose_loss_path for the model's head
+        self._balora_path: LossPath | None = None  # chosen at the first training step
         self.add_callback(_FrozenFactorsStayBuffers())
 
     @property
     def balora_loss_path(self) -> str:
         """Which loss the last training step used: for logs, benchmarks and tests."""
-        if self._balora_path_key is None:
-            return "model loss"
-        if self._balora_classification:
-            return "classification"
-        if self._balora_fused_blocker is None:
-            return f"fused (chunk {self.balora_config.chunk_size})"
-        return f"plain ({self._balora_fused_blocker})"
+        return "model loss" if self._balora_path is None else self._balora_path.describe()
 
     # -- loss ---------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -105,17 +86,17 @@ class BALoRATrainerMixin:
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
         peft_model = self.accelerator.unwrap_model(model)
-        self._choose_loss_path(peft_model)
+        path = self._loss_path(peft_model)
         lambdas = lambdas_at(self.balora_config, self.state.global_step, self.state.max_steps)
-        if self._balora_classification:
+        if path.kind == CLASSIFICATION:
             loss, outputs = self._classification_loss(model, peft_model, inputs, lambdas, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
         labels = inputs["labels"]
         weight = self.regularizer_weight(labels, num_items_in_batch)
-        if return_outputs or self._balora_fused_blocker is not None:
+        if return_outputs or not path.fused:
             return self._plain_loss(model, peft_model, inputs, lambdas, weight, num_items_in_batch, return_outputs)
         model_inputs = without_task_keys(inputs_from_parent(super().compute_loss, model, inputs, num_items_in_batch))
-        if not self._balora_head_checked and not self._fused_head_matches(model, peft_model, model_inputs, labels):
+        if not path.admit_on_batch(model, peft_model, model_inputs, labels):
             # The parent runs once more for this one step (its side effects, such as
             # Axolotl's token count, see this batch twice).
             return self._plain_loss(model, peft_model, inputs, lambdas, weight, num_items_in_batch, return_outputs)
@@ -123,48 +104,12 @@ class BALoRATrainerMixin:
         self._record(fused.terms, lambdas)
         return weight * fused.total
 
-    def _choose_loss_path(self, peft_model: nn.Module) -> None:
-        """Pick the form and path once per model / output layer (again if either changes)."""
-        key = _head_key(peft_model)
-        if key == self._balora_path_key:
-            return
-        self._balora_path_key = key
-        check_frozen_factors_active(peft_model)
-        self._balora_classification = uses_classification_form(peft_model, self.balora_config.task)
-        if self._balora_classification:
-            LOG.info("BA-LoRA: classification form (per-example logits, pooled features)")
-            return
-        head_weight = getattr(peft_model.get_base_model().get_output_embeddings(), "weight", None)
-        sharding = None if head_weight is None else head_sharding(head_weight)
-        self._balora_head_r = LmHeadFactor(fixed=sharding is not None)
-        if self.balora_config.chunk_size == 0:
-            blocker = "balora_chunk_size is 0"
-        elif getattr(self.args, "label_smoothing_factor", 0) or getattr(self, "compute_loss_func", None):
-            blocker = "the task loss is customized (label smoothing or compute_loss_func)"
-        else:
-            blocker = fused_path_blocker(peft_model)
-        self._balora_fused_blocker = blocker
-        self._balora_head_checked = False
-        if blocker is not None:
-            LOG.warning("BA-LoRA: regularizers from full logits (plain path): %s", blocker)
-        elif sharding is not None:
-            LOG.info("BA-LoRA: the output layer's weight is sharded (%s); the fused loss gathers it "
-                     "for each micro-batch", sharding)
-
-    def _fused_head_matches(self, model, peft_model, model_inputs, labels) -> bool:
-        """Check the fused path against the model's own log-probabilities on this batch (once)."""
-        check = check_fused_head(model, peft_model, model_inputs, labels)
-        self._balora_head_checked = True
-        if check.reason is not None:
-            self._balora_fused_blocker = check.reason
-            LOG.warning("BA-LoRA: regularizers from full logits (plain path): %s", check.reason)
-            return False
-        LOG.info(
-            "BA-LoRA: fused chunked loss (chunk %d tokens); checked against the model's own "
-            "log-probabilities on %d positions and its own loss (largest difference %.2g, tolerance %.2g)",
-            self.balora_config.chunk_size, check.positions, check.error, check.tolerance,
-        )
-        return True
+    def _loss_path(self, peft_model: nn.Module) -> LossPath:
+        """The path chosen for this model and output layer (chosen again if either changes)."""
+        if self._balora_path is None or self._balora_path.key != output_layer_key(peft_model):
+            customized = bool(getattr(self.args, "label_smoothing_factor", 0) or getattr(self, "compute_loss_func", None))
+            self._balora_path = choose_loss_path(peft_model, self.balora_config, customized)
+        return self._balora_path
 
     def _plain_loss(self, model, peft_model, inputs, lambdas, weight, num_items_in_batch, return_outputs):
         """The parent's task loss and outputs; the terms from full logits.
@@ -200,7 +145,7 @@ class BALoRATrainerMixin:
         with full_head_weight(peft_model) as lm_head_weight:
             return fused_regularizer_terms(
                 hidden, ref_hidden, labels, lm_head_weight,
-                lambda: self._balora_head_r(lm_head_weight), self.balora_config, lambdas,
+                lambda: self._balora_path.head_r(lm_head_weight), self.balora_config, lambdas,
             )
 
     def _classification_loss(self, model, peft_model, inputs, lambdas, num_items_in_batch):

@@ -14,7 +14,7 @@ restored afterwards so the check draws nothing from the training's stream.
 A second short forward (one row, at most 64 tokens) compares the model's own
 loss with the fused cross-entropy, which catches a task loss of another form.
 Under ZeRO-3 / FSDP2 the head's weight is gathered after each check forward
-(`sharded_head`), as the fused loss gathers it.
+(`parallel/output_layer.py`), as the fused loss gathers it.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 
-from .fused import fused_losses
+from ..ops.fused import fused_losses
 from .hidden_states import recorded_output
-from .losses import IGNORE_INDEX
+from ..ops.losses import IGNORE_INDEX
 from .model_inputs import replayed_random_state
-from .sharded_head import full_head_weight
+from ..parallel.output_layer import full_head_weight
+from ..parallel.ranks import several_ranks
 
 CHECKED_POSITIONS = 8
 LOSS_CHECK_TOKENS = 64
@@ -149,7 +150,7 @@ def _run_loss_check(model: nn.Module, peft_model: PeftModel, model_inputs: dict,
 
 def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:
     """Every rank must take the same path (their forwards and collectives must match)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not several_ranks():
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)

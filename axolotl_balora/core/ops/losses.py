@@ -6,7 +6,7 @@ faster implementation. The three term functions take logits `[batch, seq, vocab]
 and labels `[batch, seq]` (-100 = ignored) and apply the causal-LM shift
 themselves, so the positions they average over are exactly those of the task
 loss. The `*_rows` helpers compute on a plain matrix of rows; the
-classification form (`classification.py`) shares them.
+classification form (`classification_terms.py`) shares them.
 """
 
 from __future__ import annotations

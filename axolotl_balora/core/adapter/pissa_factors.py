@@ -29,17 +29,11 @@ import safetensors.torch
 import torch
 from torch import distributed as dist
 
+from ..parallel.ranks import world
+
 LOG = logging.getLogger(__name__)
 
 CACHE_FORMAT = "balora-pissa-v1"
-
-
-def default_cache_dir() -> Path:
-    """BALORA_INIT_CACHE_DIR, else $XDG_CACHE_HOME (or ~/.cache)/axolotl_balora/pissa."""
-    if os.environ.get("BALORA_INIT_CACHE_DIR"):
-        return Path(os.environ["BALORA_INIT_CACHE_DIR"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "axolotl_balora" / "pissa"
 
 
 class FactorCache:
@@ -84,13 +78,6 @@ class FactorCache:
             os.replace(staging, self.directory / f"{key}.safetensors")
         finally:
             staging.unlink(missing_ok=True)
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def compute_device(weight: torch.Tensor) -> torch.device:

@@ -34,23 +34,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(tensor, DTensor)
-
-
-def head_sharding(weight: torch.Tensor) -> str | None:
-    """How the weight is sharded: "ZeRO-3", "FSDP2" (a DTensor; `sharding_blocker` checks that an
-    FSDP2 module owns it), or None for a whole tensor."""
-    if hasattr(weight, "ds_id"):
-        return "ZeRO-3"
-    if _is_dtensor(weight):
-        return "FSDP2"
-    return None
+from .sharding import gathered_zero3, is_dtensor, sharding_engine
 
 
 def _fsdp_owner(root: nn.Module, head: nn.Module) -> nn.Module | None:
@@ -79,7 +63,7 @@ def _output_layer(peft_model: nn.Module) -> nn.Module:
 def sharding_blocker(peft_model: nn.Module) -> str | None:
     """Why the head's sharding keeps the fused path off (None: whole, ZeRO-3 or FSDP2)."""
     head = _output_layer(peft_model)
-    sharding = head_sharding(head.weight)
+    sharding = sharding_engine(head.weight)
     if sharding == "FSDP2" and _fsdp_owner(peft_model, head) is None:
         return "the output layer's weight is a DTensor that no FSDP2 module owns (tensor parallel?)"
     return None
@@ -94,11 +78,9 @@ def full_head_weight(peft_model: nn.Module) -> Iterator[torch.Tensor]:
     """
     head = _output_layer(peft_model)
     weight = head.weight
-    sharding = head_sharding(weight)
+    sharding = sharding_engine(weight)
     if sharding == "ZeRO-3":
-        import deepspeed  # only reached when DeepSpeed sharded the weight
-
-        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+        with gathered_zero3([weight]):
             yield weight.detach()
         return
     if sharding == "FSDP2":
@@ -106,6 +88,6 @@ def full_head_weight(peft_model: nn.Module) -> Iterator[torch.Tensor]:
         if owner is not None:
             owner.unshard()
         weight = head.weight  # FSDP2 swaps the module's parameter for the unsharded one
-        if _is_dtensor(weight):  # owned elsewhere (e.g. a tied weight sharded with the embedding)
+        if is_dtensor(weight):  # owned elsewhere (e.g. a tied weight sharded with the embedding)
             weight = weight.full_tensor()
     yield weight.detach()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import BALoRAConfig
+from ..config import BALoRAConfig
 
 # Paper schedule constants: lambda1 decays to this fraction of its value;
 # lambda2/lambda3 are off for WARMUP_START of the run, then ramp over WARMUP_LENGTH.

@@ -13,10 +13,8 @@ every state dict and checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
@@ -29,10 +27,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .adapter_forward import use_fused_update
-from .adapters import FROZEN_ADAPTER, TRAINABLE_ADAPTER
-from .classification import is_sequence_classifier
-from .config import parse_init
+from .layer import use_fused_update
+from .names import FROZEN_ADAPTER, TRAINABLE_ADAPTER
+from ..parallel.ranks import world
+from ..parallel.sharding import gathered_zero3, is_zero3_partitioned
+from .model_kind import is_sequence_classifier
+from ..config import parse_init
 from .export import install_standard_save
 from .pissa_factors import (
     FactorCache,
@@ -40,7 +40,6 @@ from .pissa_factors import (
     communication_device,
     compute_device,
     share_from_owners,
-    world,
 )
 
 LOG = logging.getLogger(__name__)
@@ -101,25 +100,6 @@ def base_weight_for_init(layer: LoraLayer) -> torch.Tensor:
         f"BA-LoRA PiSSA init supports nn.Linear, Conv1D and bitsandbytes 4-bit targets; got "
         f"{type(base).__name__}. Remove this module from lora_target_modules or use balora_init: gaussian."
     )
-
-
-@contextlib.contextmanager
-def gathered_base_weights(layers: list[LoraLayer]) -> Iterator[None]:
-    """Make the layers' full base weights readable for the duration of the block.
-
-    Under DeepSpeed ZeRO-3 (axolotl builds the model inside `zero.Init`) each rank
-    holds an empty partition (`weight.shape == (0,)`, the real one in `ds_shape`).
-    Every rank gathers the same weights (read-only: no modifier rank), so the extra
-    memory is these layers' weights and all ranks see identical values.
-    """
-    weights = [layer.get_base_layer().weight for layer in layers]
-    if not any(hasattr(weight, "ds_shape") for weight in weights):
-        yield
-        return
-    import deepspeed  # only reachable for a ZeRO-3 partitioned parameter
-
-    with deepspeed.zero.GatheredParameters(weights, modifier_rank=None):
-        yield
 
 
 def _as_buffer(linear: nn.Linear, value: torch.Tensor) -> None:
@@ -233,7 +213,7 @@ def attach_frozen_factors(model: PeftModel, lora_config: LoraConfig, niter: int 
     model.add_adapter(FROZEN_ADAPTER, frozen_config)
     layers = [layer for _, layer in lora_layers(model) if TRAINABLE_ADAPTER in layer.lora_A]
     rank, size = world()
-    partitioned = any(hasattr(layer.get_base_layer().weight, "ds_shape") for layer in layers)
+    partitioned = any(is_zero3_partitioned(layer.get_base_layer().weight) for layer in layers)
     main_only = size > 1 and not partitioned and _weights_on_main_rank_only(layers)
     if partitioned:
         # Gathering is collective: all ranks gather `size` consecutive weights at a time and
@@ -247,7 +227,9 @@ def attach_frozen_factors(model: PeftModel, lora_config: LoraConfig, niter: int 
     progress = tqdm(total=owners.count(rank), desc="BA-LoRA PiSSA init", unit="layer", disable=rank != 0)
     factors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
     for group in groups:
-        with gathered_base_weights([layers[index] for index in group]):
+        # Under ZeRO-3 (axolotl builds the model inside `zero.Init`) each rank holds an empty
+        # partition of each weight; the group is gathered together.
+        with gathered_zero3([layers[index].get_base_layer().weight for index in group]):
             for index in group:
                 if owners[index] == rank:
                     factors[index] = _layer_factors(layers[index], niter, cache)
@@ -282,7 +264,7 @@ def check_frozen_factors_active(model: nn.Module) -> None:
                 f"BA-LoRA: the frozen initial factors of {name} are not active "
                 f"(active: {layer.active_adapters}). Something called set_adapter() "
                 f"on the model; re-activate with "
-                f"axolotl_balora.core.init.activate_balora_adapters(model)."
+                f"axolotl_balora.core.adapter.pissa_init.activate_balora_adapters(model)."
             )
 
 

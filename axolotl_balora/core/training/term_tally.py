@@ -12,8 +12,8 @@ import logging
 
 import torch
 
-from .regularizers import TERM_NAMES, RegularizerTerms
-from .schedules import Lambdas
+from ..ops.regularizers import TERM_NAMES, RegularizerTerms
+from ..ops.schedules import Lambdas
 
 LOG = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from .losses import IGNORE_INDEX, svd_ratio_rows
 
 
 @dataclass
-class FusedLosses:
+class ChunkedLosses:
     """One micro-batch's fused losses; everything stays on the device (no host sync).
 
     `objective` is the only differentiable output: mean CE + lambda_consistency
@@ -230,7 +230,7 @@ def fused_losses(
     lambda_consistency: float = 0.0,
     lambda_diversity: float = 0.0,
     chunk_size: int = 256,
-) -> FusedLosses:
+) -> ChunkedLosses:
     """Mean CE, consistency and negative top-k entropy over the scored positions, and their objective.
 
     `hidden`/`ref_hidden`: final hidden states [batch, seq, hidden] (the inputs
@@ -246,7 +246,7 @@ def fused_losses(
     )
     count = mask.sum()
     denominator = count.clamp_min(1).to(torch.float32)
-    return FusedLosses(
+    return ChunkedLosses(
         objective=objective / denominator,
         cross_entropy=ce / denominator,
         consistency=None if kl is None else kl / denominator,

@@ -17,7 +17,8 @@ import safetensors.torch
 from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
 
-from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FROZEN_ADAPTER, TRAINABLE_ADAPTER
+from ..parallel.sharding import is_dtensor
+from .names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FROZEN_ADAPTER, TRAINABLE_ADAPTER
 
 METADATA_FILE = "balora.json"
 _LAYOUT_KEYS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
@@ -71,7 +72,7 @@ def _full_tensors_load_into_shards(model: PeftModel) -> Iterator[None]:
     locally (every rank read the same file, so nothing needs to be sent).
     """
     targets = {name: tensor for name, tensor in [*model.named_parameters(), *model.named_buffers()]
-               if type(tensor).__name__ == "DTensor"}
+               if is_dtensor(tensor)}
     if not targets:
         yield
         return
@@ -80,7 +81,7 @@ def _full_tensors_load_into_shards(model: PeftModel) -> Iterator[None]:
     def to_shards(module, state_dict, prefix, *args) -> None:
         for key, value in state_dict.items():
             target = targets.get(key)
-            if target is not None and type(value).__name__ != "DTensor":
+            if target is not None and not is_dtensor(value):
                 state_dict[key] = distribute_tensor(
                     value.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None
                 )

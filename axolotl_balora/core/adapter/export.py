@@ -26,13 +26,15 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
-from .adapters import (
+from .names import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     FROZEN_ADAPTER,
     TRAINABLE_ADAPTER,
     TRAINING_STATE_DIR,
 )
+from ..parallel.ranks import distributed_running, is_main_rank
+from ..parallel.sharding import full_tensor
 from .checkpoint import write_metadata
 
 
@@ -149,10 +151,6 @@ def save_balora_adapter(
         os.replace(export_path / ADAPTER_CONFIG, directory / ADAPTER_CONFIG)
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if type(tensor).__name__ == "DTensor" else tensor
-
-
 def save_sharded_balora_adapter(model: PeftModel, save_directory: str | os.PathLike) -> None:
     """Save a model whose parameters are FSDP2 DTensor shards; every rank must call this.
 
@@ -161,16 +159,12 @@ def save_sharded_balora_adapter(model: PeftModel, save_directory: str | os.PathL
     gathered), rank 0 writes the usual export, and every rank waits for it.
     """
     state_dict = {
-        name: _full(tensor).detach()
+        name: full_tensor(tensor).detach()
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]
         if "lora_" in name or tensor.requires_grad
     }
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    save_balora_adapter(
-        model, save_directory, state_dict=state_dict,
-        is_main_process=not distributed or torch.distributed.get_rank() == 0,
-    )
-    if distributed:
+    save_balora_adapter(model, save_directory, state_dict=state_dict, is_main_process=is_main_rank())
+    if distributed_running():
         torch.distributed.barrier()
 
 

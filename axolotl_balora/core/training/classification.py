@@ -1,17 +1,9 @@
-"""The classification (NLU) form of BA-LoRA (spec section 3), written plainly.
+"""The classification (NLU) form in training: which models get it, and the pooled features.
 
-For a sequence classifier the regularizers act on the batch's per-example
-logits Z [N, C] rather than on token positions:
-
-- diversity: (1/C) * sum_{i != j} Cov(Z)_ij^2 decorrelates the logit dimensions;
-- svd: -(sum of the top-k singular values of Z) / (sum of all of them);
-- consistency: a freshly initialized classification head has no pre-trained
-  output (with adapters off its logits come from random weights), so logits
-  cannot be compared with the pre-trained model's. The term compares the
-  pooled features the head reads instead, with adapters on and off, as the
-  mean squared distance of their L2-normalized vectors (the earlier BA-LoRA
-  version's form). `logit_consistency_kl` is the logit form, for a head that
-  is itself pre-trained.
+The terms themselves are pure torch in `ops/classification_terms.py`. The consistency
+term compares the pooled features a classification head reads, with adapters on and
+off (a freshly initialized head has no pre-trained logits to compare); this module
+finds the head, pools what it receives, and runs the reference forward for them.
 """
 
 from __future__ import annotations
@@ -21,83 +13,17 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 
-from .losses import kl_rows, svd_ratio_rows
+from ..adapter.model_kind import HEAD_NAMES, base_model_of, is_sequence_classifier
 from .model_inputs import replayed_random_state
-
-SEQUENCE_CLASSIFIER_SUFFIX = "ForSequenceClassification"
-# Attribute names of the classification head, tried in order: BERT, DeBERTa, RoBERTa
-# and most encoders call it `classifier`; Llama-like decoders call it `score`.
-HEAD_NAMES = ("classifier", "score")
-
-
-def base_model_of(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel (or the model itself)."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-def is_sequence_classifier(model: nn.Module) -> bool:
-    return type(base_model_of(model)).__name__.endswith(SEQUENCE_CLASSIFIER_SUFFIX)
-
 
 def uses_classification_form(model: nn.Module, task: str) -> bool:
     """Whether `task` (BALoRAConfig.task) selects the classification form for `model`."""
     if task == "auto":
         return is_sequence_classifier(model)
     return task == "classification"
-
-
-# --------------------------------------------------------------------------- the terms
-
-
-def feature_consistency(features: torch.Tensor, ref_features: torch.Tensor) -> torch.Tensor:
-    """mean_i || f_i / |f_i| - r_i / |r_i| ||^2 over the N rows of [N, H] features.
-
-    f = pooled features of the model being trained, r = those of the
-    pre-trained model. Summed over the feature dimension and averaged over
-    examples, so it equals 2 - 2 * mean cosine similarity, whatever the hidden
-    size (an element-wise mean would shrink the term by 1/H and change what a
-    given lambda means from one model to the next).
-    """
-    difference = F.normalize(features.float(), dim=-1) - F.normalize(ref_features.float(), dim=-1)
-    return difference.pow(2).sum(-1).mean()
-
-
-def logit_consistency_kl(
-    logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 2.0
-) -> torch.Tensor:
-    """T^2 * mean_i KL(softmax(ref_i / T) || softmax(z_i / T)) over per-example logits [N, C].
-
-    Only meaningful when the head itself is pre-trained, so that the
-    reference logits mean something.
-    """
-    return kl_rows(logits.float(), ref_logits.float(), temperature)
-
-
-def logit_decorrelation(logits: torch.Tensor) -> torch.Tensor:
-    """(1/C) * sum_{i != j} Cov(Z)_ij^2, with the batch covariance (N - 1 denominator).
-
-    A batch of fewer than two examples has no covariance: the term is 0.
-    """
-    rows = logits.float()
-    examples, classes = rows.shape
-    if examples < 2:
-        return torch.zeros((), dtype=torch.float32, device=rows.device)
-    centered = rows - rows.mean(dim=0, keepdim=True)
-    covariance = centered.T @ centered / (examples - 1)
-    off_diagonal = covariance - torch.diag(torch.diagonal(covariance))
-    return off_diagonal.pow(2).sum() / classes
-
-
-def logit_svd_ratio(logits: torch.Tensor, k: int = 5) -> torch.Tensor:
-    """-(sum_{i<=k} sigma_i(Z)) / (sum_i sigma_i(Z)), exact SVD; a zero matrix gives 0.
-
-    With rank(Z) <= k every singular value counts and the term is -1.
-    """
-    return svd_ratio_rows(logits.float(), k, "nuclear")
 
 
 # --------------------------------------------------------------------------- pooled features

@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from .classification import feature_consistency, logit_decorrelation, logit_svd_ratio
-from .config import BALoRAConfig
+from .classification_terms import feature_consistency, logit_decorrelation, logit_svd_ratio
+from ..config import BALoRAConfig
 from .fused import fused_losses, svd_ratio_from_hidden
 from .losses import consistency_kl, diversity_entropy, svd_ratio
 from .schedules import Lambdas
