@@ -17,7 +17,8 @@ sys.path.insert(0, str(REPO_ROOT / "ci"))
 
 from demo_summary import training_logs  # noqa: E402  (re-exported for the tests)
 
-__all__ = ["base_config", "free_port", "run_axolotl", "run_axolotl_on_cpu_ranks", "run_axolotl_train",
+__all__ = ["axolotl_command", "base_config", "free_port", "run_axolotl", "run_axolotl_on_cpu_nodes",
+           "run_axolotl_on_cpu_ranks", "run_axolotl_train",
            "resume_after_step2", "training_logs"]
 
 # The test-only patch that lets accelerate/axolotl run DeepSpeed and FSDP2 on CPU ranks.
@@ -99,10 +100,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_axolotl_on_cpu_ranks(config: dict[str, Any], workdir: Path, engine: str, ranks: int = 2,
-                             extra_env: dict[str, str] | None = None,
-                             timeout: int = 900) -> subprocess.CompletedProcess:
-    """`axolotl train --launcher torchrun` on `ranks` CPU processes (gloo) with the real `engine`.
+def _cpu_ranks(config: dict[str, Any], engine: str, extra_env: dict[str, str] | None
+               ) -> tuple[dict[str, Any], dict[str, str]]:
+    """(config, environment) of CPU ranks (gloo) running the real `engine`.
 
     The test-only patch in tests/cpu_distributed is on PYTHONPATH of every rank, and
     `max_memory` keeps axolotl from forcing a CUDA device map.
@@ -115,16 +115,49 @@ def run_axolotl_on_cpu_ranks(config: dict[str, Any], workdir: Path, engine: str,
         **ENGINE_ENV[engine],
         **(extra_env or {}),
     }
-    config = {"max_memory": {"cpu": "8GiB"}, **config}
+    return {"max_memory": {"cpu": "8GiB"}, **config}, env
+
+
+def run_axolotl_on_cpu_ranks(config: dict[str, Any], workdir: Path, engine: str, ranks: int = 2,
+                             extra_env: dict[str, str] | None = None,
+                             timeout: int = 900) -> subprocess.CompletedProcess:
+    """`axolotl train --launcher torchrun` on `ranks` CPU processes (gloo) with the real `engine`."""
+    config, env = _cpu_ranks(config, engine, extra_env)
     launcher = ["--launcher", "torchrun", "--", "--nproc_per_node", str(ranks),
                 "--master_port", str(free_port())]
     return run_axolotl("train", config, workdir, launcher, timeout=timeout, extra_env=env)
 
 
-def run_axolotl(command: str, config: dict[str, Any], workdir: Path, extra_args: list[str] = (),
-                stdin: str | None = None, timeout: int = 900,
-                extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`axolotl <command> config.yml [extra_args]`, offline, with the venv's bin first on PATH."""
+def run_axolotl_on_cpu_nodes(configs: list[dict[str, Any]], workdirs: list[Path], engine: str,
+                             node_envs: list[dict[str, str]], timeout: int = 900
+                             ) -> list[subprocess.CompletedProcess]:
+    """One `axolotl train --launcher torchrun` per "node" (one rank each), all at once, meeting at
+    a static rendezvous on localhost as the nodes of a cluster do at their master's address."""
+    port = str(free_port())
+    processes = []
+    for node, (config, workdir, node_env) in enumerate(zip(configs, workdirs, node_envs)):
+        node_config, env = _cpu_ranks(config, engine, node_env)
+        launcher = ["--launcher", "torchrun", "--", "--nnodes", str(len(configs)), "--nproc_per_node", "1",
+                    "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port]
+        argv, full_env = axolotl_command("train", node_config, workdir, launcher, env)
+        processes.append((argv, subprocess.Popen(argv, cwd=workdir, env=full_env, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.PIPE, text=True)))
+    results = []
+    for argv, process in processes:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for _, other in processes:
+                other.kill()
+            raise
+        results.append(subprocess.CompletedProcess(argv, process.returncode, stdout, stderr))
+    return results
+
+
+def axolotl_command(command: str, config: dict[str, Any], workdir: Path, extra_args: list[str] = (),
+                    extra_env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of `axolotl <command> config.yml [extra_args]`, offline, with the venv's
+    bin first on PATH; writes the config into `workdir`."""
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / f"{command}.yml"
     config_path.write_text(yaml.safe_dump(config))
@@ -142,12 +175,12 @@ def run_axolotl(command: str, config: dict[str, Any], workdir: Path, extra_args:
         "BALORA_INIT_CACHE_DIR": str(workdir / "init-cache"),
         **(extra_env or {}),
     }
-    return subprocess.run(
-        [str(Path(bin_dir) / "axolotl"), command, str(config_path), *extra_args],
-        cwd=workdir,
-        env=env,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return [str(Path(bin_dir) / "axolotl"), command, str(config_path), *extra_args], env
+
+
+def run_axolotl(command: str, config: dict[str, Any], workdir: Path, extra_args: list[str] = (),
+                stdin: str | None = None, timeout: int = 900,
+                extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`axolotl <command> config.yml [extra_args]`, offline, with the venv's bin first on PATH."""
+    argv, env = axolotl_command(command, config, workdir, extra_args, extra_env)
+    return subprocess.run(argv, cwd=workdir, env=env, input=stdin, capture_output=True, text=True, timeout=timeout)

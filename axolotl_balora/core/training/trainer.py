@@ -24,16 +24,12 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..config import BALoRAConfig
-from ..adapter.names import TRAINING_STATE_DIR
 from ..adapter.checkpoint import check_compatible, load_training_state
 from ..adapter.export import is_balora_model, save_sharded_balora_adapter
-from .classification import recorded_pooled_features, reference_features
+from ..adapter.names import TRAINING_STATE_DIR
 from ..adapter.pissa_init import activate_balora_adapters, restore_frozen_factor_buffers
-from .hidden_states import final_hidden_states
-from .loss_path import CLASSIFICATION, LossPath, choose_loss_path, output_layer_key
+from ..config import BALoRAConfig
 from ..ops.losses import IGNORE_INDEX
-from .model_inputs import inputs_from_parent, reference_before_forward, replayed_random_state, without_task_keys
 from ..ops.regularizers import (
     RegularizerTerms,
     classification_regularizer_terms,
@@ -42,6 +38,11 @@ from ..ops.regularizers import (
 )
 from ..ops.schedules import Lambdas, lambdas_at
 from ..parallel.output_layer import full_head_weight
+from .classification import recorded_pooled_features, reference_features
+from .hidden_states import final_hidden_states
+from .loss_path import CLASSIFICATION, LossPath, choose_loss_path, output_layer_key
+from .model_inputs import inputs_from_parent, reference_before_forward, replayed_random_state, without_task_keys
+from .resume_point import resume_point
 from .term_tally import TermTally
 
 LOG = logging.getLogger(__name__)
@@ -214,16 +215,21 @@ class BALoRATrainerMixin:
 
     # -- checkpoints --------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """Refuse a checkpoint of another adapter layout or init before anything loads it.
+        """Resume from a complete checkpoint only, and refuse one of another adapter layout or
+        init, before anything loads it.
 
-        DeepSpeed resumes through its own checkpoint loader, never through
-        `_load_from_checkpoint`; the check must not depend on which engine runs.
+        A checkpoint a crash left half-written is replaced by the last complete one before it
+        (`resume_point.py`). DeepSpeed resumes through its own checkpoint loader, never through
+        `_load_from_checkpoint`; the checks must not depend on which engine runs.
         """
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)
-        if isinstance(checkpoint, (str, Path)) and (Path(checkpoint) / TRAINING_STATE_DIR).is_dir():
-            check_compatible(self.accelerator.unwrap_model(self.model), Path(checkpoint) / TRAINING_STATE_DIR)
+        if isinstance(checkpoint, (str, Path)):
+            checkpoint = resume_point(Path(checkpoint))
+            resume_from_checkpoint = str(checkpoint)
+            if (checkpoint / TRAINING_STATE_DIR).is_dir():
+                check_compatible(self.accelerator.unwrap_model(self.model), checkpoint / TRAINING_STATE_DIR)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
