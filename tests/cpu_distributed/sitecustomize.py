@@ -87,11 +87,14 @@ P2P_PATCHES: dict[str, list[tuple[str, str, int | dict[str, int]]]] = {
 PATCHES.update(P2P_PATCHES)
 
 
-def patched_source(name: str, source: str) -> str:
-    """`source` with every spot of PATCHES[name] rewritten; raises if a spot is missing."""
+def patched_source(name: str, source: str, axolotl_minor: str | None = None) -> str:
+    """`source` with every spot of PATCHES[name] rewritten; raises if a spot is missing.
+
+    `axolotl_minor` ("0.21") picks the per-version counts; default: the installed axolotl.
+    """
     for old, new, times in PATCHES[name]:
         if isinstance(times, dict):
-            times = times.get(_axolotl_minor(), -1)
+            times = times.get(axolotl_minor or _axolotl_minor(), -1)
         count = source.count(old)
         if count != times:
             raise RuntimeError(
