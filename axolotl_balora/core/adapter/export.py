@@ -1,8 +1,10 @@
 """Save a BA-LoRA model as an ordinary PEFT LoRA adapter for the ORIGINAL base model.
 
 The learned delta s * (B A - B0 A0) equals s * [B, -B0] [A; A0], a rank-2r
-LoRA with the same scaling. Every save writes that adapter at the top of the
-directory (what PEFT, vLLM and `axolotl merge-lora` load) and both raw PEFT
+LoRA with the same scaling, written with one rank and one alpha for every module
+(no per-module patterns) so that every serving stack reads it as PEFT does. Every
+save writes that adapter at the top of the directory (what PEFT, vLLM and
+`axolotl merge-lora` load), logs the vLLM flags it needs, and both raw PEFT
 adapters under TRAINING_STATE_DIR (what resuming needs). Files are written
 to a temporary folder first and moved into place, so an interrupted save
 never leaves a half-written adapter where a good one was.
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import tempfile
 import types
@@ -36,6 +37,7 @@ from .names import (
 from ..parallel.ranks import distributed_running, is_main_rank
 from ..parallel.sharding import full_tensor
 from .checkpoint import write_metadata
+from .serving import log_vllm_needs
 
 
 def _scaling(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -55,31 +57,55 @@ def trained_module_scalings(model: PeftModel) -> dict[str, tuple[int, float]]:
     }
 
 
-def doubled_rank_config(config: LoraConfig, scalings: dict[str, tuple[int, float]]) -> LoraConfig:
-    """LoraConfig of rank 2r with, module by module, the scaling each module trained with.
+def _module_of(key: str) -> str:
+    """The base-model module name of an adapter state-dict key (`base_model.model.<name>.lora_A.weight`)."""
+    return key.removeprefix("base_model.model.").split(".lora_", 1)[0]
 
-    The rank pattern keeps the user's keys (doubled values), so PEFT resolves
-    every module's rank exactly as in training. Alphas are per module: a module
-    whose exported alpha (2 r_m * scaling_m) differs from the default gets its
-    own exact key (its escaped name), since PEFT matches pattern keys as regexes
-    in order and rebuilt or merged keys can pick another entry. rsLoRA is folded
-    into those values, so the config needs no BA-LoRA or rsLoRA knowledge.
+
+def _padded(factor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+    """`factor` with zero rows (dim 0, an A) or columns (dim 1, a B) up to `rank`: adds exactly nothing."""
+    missing = rank - factor.shape[dim]
+    if missing == 0:
+        return factor
+    shape = list(factor.shape)
+    shape[dim] = missing
+    return torch.cat([factor, factor.new_zeros(shape)], dim=dim)
+
+
+def _folded(b: torch.Tensor, factor: float) -> torch.Tensor:
+    """B times a module's own scaling over the export's, computed in float32 (1.0: untouched)."""
+    return b if factor == 1.0 else (b.float() * factor).to(b.dtype)
+
+
+def uniform_rank_export(
+    config: LoraConfig,
+    scalings: dict[str, tuple[int, float]],
+    trained: dict[str, torch.Tensor],
+    frozen: dict[str, torch.Tensor],
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """One rank and one alpha for every module: the rank-2r pairs [A; A0], [B, -B0] of each module,
+    zero-padded to the largest rank and with each module's own scaling folded into its B.
+
+    Serving stacks read an adapter their own way: older vLLM, SGLang and TGI ignore
+    `rank_pattern` / `alpha_pattern`, and rsLoRA needs its own flag. Here the config has no
+    pattern and no rsLoRA, so every loader computes (alpha / r) B A per module, which is what
+    PEFT computed in training: exact for padding, within float32 rounding of the weight's
+    dtype for a folded scaling (1.0, the usual case of one rank and one alpha, leaves B as is).
     """
-    default_alpha = 2 * config.r * _scaling(config.lora_alpha, config.r, config.use_rslora)
-    alpha_pattern = {
-        re.escape(name): 2 * rank * scaling
-        for name, (rank, scaling) in scalings.items()
-        if not math.isclose(2 * rank * scaling, default_alpha, rel_tol=1e-12)
-    }
-    return replace(
-        config,
-        r=2 * config.r,
-        lora_alpha=default_alpha,
-        rank_pattern={key: 2 * rank for key, rank in (config.rank_pattern or {}).items()},
-        alpha_pattern=alpha_pattern,
-        use_rslora=False,
-        init_lora_weights=True,
-    )
+    rank = 2 * max(module_rank for module_rank, _ in scalings.values())
+    scaling = _scaling(config.lora_alpha, config.r, config.use_rslora)  # the unpatterned modules'
+    weights = {}
+    for key, value in trained.items():
+        if key in frozen and ".lora_A." in key:
+            weights[key] = _padded(torch.cat([value, frozen[key].to(value.dtype)], dim=0), rank, 0)
+        elif key in frozen and ".lora_B." in key:
+            stacked = torch.cat([value, frozen[key].to(value.dtype)], dim=1)
+            weights[key] = _padded(_folded(stacked, scalings[_module_of(key)][1] / scaling), rank, 1)
+        else:
+            weights[key] = value
+    uniform = replace(config, r=rank, lora_alpha=rank * scaling, rank_pattern={}, alpha_pattern={},
+                      use_rslora=False, init_lora_weights=True)
+    return uniform, weights
 
 
 def standard_lora_export(
@@ -97,15 +123,7 @@ def standard_lora_export(
     frozen = get_peft_model_state_dict(
         model, state_dict=state_dict, adapter_name=FROZEN_ADAPTER, save_embedding_layers=False
     )
-    weights = {}
-    for key, value in trained.items():
-        if key in frozen and ".lora_A." in key:
-            weights[key] = torch.cat([value, frozen[key].to(value.dtype)], dim=0)
-        elif key in frozen and ".lora_B." in key:
-            weights[key] = torch.cat([value, frozen[key].to(value.dtype)], dim=1)
-        else:
-            weights[key] = value
-    return doubled_rank_config(config, trained_module_scalings(model)), weights
+    return uniform_rank_export(config, trained_module_scalings(model), trained, frozen)
 
 
 def _replace_dir(source: Path, target: Path) -> None:
@@ -137,6 +155,7 @@ def save_balora_adapter(
         type(model).save_pretrained(model, state_path, state_dict=state_dict, **peft_kwargs)
         write_metadata(model, state_path)
         config, weights = standard_lora_export(model, state_dict)
+        log_vllm_needs(config)
         export_path = staging_path / "export"
         export_path.mkdir()
         config.save_pretrained(export_path)
