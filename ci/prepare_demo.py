@@ -124,6 +124,11 @@ def prepare_model(root: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
     )
+    if getattr(model, "hf_quantizer", None) is not None:
+        # transformers 5.20 keeps a GGUF load marked as quantized and refuses to save it,
+        # though its weights were dequantized to float32 while loading (it has no
+        # `dequantize` for GGUF either): dropping the mark is all that saving needs.
+        model.hf_quantizer.remove_quantization_config(model)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     fix_tokenizer(model, tokenizer)
     if tokenizer.chat_template is None:
