@@ -24,6 +24,12 @@ from axolotl_cli import (
     run_axolotl_train,
     training_logs,
 )
+from fused_vs_plain import (
+    FUSED_SETTINGS,
+    assert_fused_equals_plain,
+    assert_sharded_head_took_the_fused_path,
+    plain_config,
+)
 from probe_checks import (
     PROBE,
     assert_factors_match_unsharded,
@@ -41,10 +47,16 @@ RESUME_TOLERANCE = 1e-5
 LOG_RELATIVE_TOLERANCE = 1e-4
 
 
-def zero_json(directory: Path, stage: int, bf16: bool | str = False) -> Path:
-    """A DeepSpeed config as users write them ("auto" where the HF Trainer fills values)."""
+def zero_json(directory: Path, stage: int, bf16: bool | str = False, persistence_threshold: int | None = None) -> Path:
+    """A DeepSpeed config as users write them ("auto" where the HF Trainer fills values).
+
+    `persistence_threshold` 0 partitions every parameter under ZeRO-3: the tiny head (400 x 64) is
+    below the default threshold, which would keep it whole on every rank."""
+    zero = {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True}
+    if persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = persistence_threshold
     config = {
-        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": "auto"},
         "gradient_accumulation_steps": "auto",
@@ -64,15 +76,14 @@ def deepspeed_run(config: dict, workdir: Path):
     return result, probe
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
-def uninterrupted(request, tiny_llama_dir, tiny_dataset, tmp_path_factory):
-    """4 steps on 2 ranks in float32, checkpoints at steps 2 and 4."""
-    stage = request.param
+def uninterrupted_run(stage: int, tiny_llama_dir, tiny_dataset, tmp_path_factory) -> dict:
+    """4 steps on 2 ranks in float32, checkpoints at steps 2 and 4, on the fused loss path (under
+    ZeRO-3 with the output layer partitioned)."""
     workdir = tmp_path_factory.mktemp(f"zero{stage}")
     config = base_config(
         tiny_llama_dir, tiny_dataset, workdir, plugins=["axolotl_balora.BALoRAPlugin", PROBE],
-        deepspeed=str(zero_json(workdir, stage)), balora_init="pissa", gradient_accumulation_steps=1,
-        save_strategy="steps", save_steps=2,
+        deepspeed=str(zero_json(workdir, stage, persistence_threshold=0 if stage == 3 else None)),
+        balora_init="pissa", gradient_accumulation_steps=1, save_strategy="steps", save_steps=2, **FUSED_SETTINGS,
     )
     result, probe = deepspeed_run(config, workdir)
     text = ok(result)
@@ -81,11 +92,44 @@ def uninterrupted(request, tiny_llama_dir, tiny_dataset, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def uninterrupted_zero2(tiny_llama_dir, tiny_dataset, tmp_path_factory):
+    return uninterrupted_run(2, tiny_llama_dir, tiny_dataset, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_zero3(tiny_llama_dir, tiny_dataset, tmp_path_factory):
+    return uninterrupted_run(3, tiny_llama_dir, tiny_dataset, tmp_path_factory)
+
+
+@pytest.fixture(params=[2, 3], ids=["zero2", "zero3"])
+def uninterrupted(request):
+    """The uninterrupted run of each ZeRO stage (each runs once per module)."""
+    return request.getfixturevalue(f"uninterrupted_zero{request.param}")
+
+
+@pytest.fixture(scope="module")
 def single_process_logs(tiny_llama_dir, tiny_dataset, tmp_path_factory):
     """One process seeing each step's two micro-batches (accumulation 2) that two ranks split."""
     workdir = tmp_path_factory.mktemp("single")
-    config = base_config(tiny_llama_dir, tiny_dataset, workdir, balora_init="pissa")
+    config = base_config(tiny_llama_dir, tiny_dataset, workdir, balora_init="pissa", **FUSED_SETTINGS)
     return training_logs(ok(run_axolotl_train(config, workdir)))
+
+
+@pytest.fixture(scope="module")
+def plain_zero3(uninterrupted_zero3, tmp_path_factory):
+    """The uninterrupted ZeRO-3 run's first 2 steps on the plain loss path (ZeRO-2 keeps the
+    output layer whole: nothing to gather)."""
+    workdir = tmp_path_factory.mktemp("plain-zero3")
+    result, _ = deepspeed_run(plain_config(uninterrupted_zero3["config"], workdir), workdir)
+    return {"workdir": workdir, "text": ok(result)}
+
+
+def test_zero3_partitioned_head_takes_the_fused_path(uninterrupted_zero3, plain_zero3):
+    assert_sharded_head_took_the_fused_path(uninterrupted_zero3, plain_zero3)
+
+
+def test_zero3_fused_path_equals_the_plain_path(uninterrupted_zero3, plain_zero3):
+    assert_fused_equals_plain(uninterrupted_zero3, plain_zero3)
 
 
 def test_every_rank_holds_the_unsharded_factors(uninterrupted, tiny_llama_dir):
@@ -129,17 +173,13 @@ def test_resumed_run_ends_with_the_uninterrupted_adapter(uninterrupted, tmp_path
     assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= RESUME_TOLERANCE
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [({"lora_r": 8}, "r: checkpoint 4, config 8"),
-     ({"balora_init": "pissa_niter_4"}, "balora_init: checkpoint 'pissa', config 'pissa_niter_4'")],
-    ids=["other-rank", "other-init"],
-)
-def test_resume_with_another_adapter_is_refused(uninterrupted, tmp_path, overrides, message):
-    result, output = _resume(uninterrupted, tmp_path, **overrides)
+def test_resume_with_another_adapter_is_refused(uninterrupted, tmp_path):
+    """Another rank and another init at once: the refusal names every difference."""
+    result, output = _resume(uninterrupted, tmp_path, lora_r=8, balora_init="pissa_niter_4")
     text = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "cannot resume" in text and message in text, text[-3000:]
+    assert "cannot resume" in text, text[-3000:]
+    assert "r: checkpoint 4, config 8" in text and "balora_init: checkpoint 'pissa', config 'pissa_niter_4'" in text
     assert not (output / "adapter_model.safetensors").exists()
 
 

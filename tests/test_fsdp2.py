@@ -8,6 +8,8 @@ over gloo; the only change is the test-only patch in tests/cpu_distributed
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 
 import pytest
 import safetensors.torch
@@ -19,6 +21,12 @@ from axolotl_cli import (
     run_axolotl_on_cpu_nodes,
     run_axolotl_on_cpu_ranks,
     training_logs,
+)
+from fused_vs_plain import (
+    FUSED_SETTINGS,
+    assert_fused_equals_plain,
+    assert_sharded_head_took_the_fused_path,
+    plain_config,
 )
 from probe_checks import (
     PROBE,
@@ -53,17 +61,48 @@ def fsdp2_run(config: dict, workdir):
     return run_axolotl_on_cpu_ranks(config, workdir, "fsdp", extra_env={"BALORA_PROBE_DIR": str(probe)})
 
 
-@pytest.fixture(scope="module", params=["FULL_STATE_DICT", "SHARDED_STATE_DICT"], ids=["full", "sharded"])
-def uninterrupted(request, tiny_llama_dir, tiny_dataset, tmp_path_factory):
-    """4 steps on 2 ranks in float32, checkpoints at steps 2 and 4."""
-    workdir = tmp_path_factory.mktemp(request.param.split("_")[0].lower())
+def uninterrupted_run(state_dict_type: str, model_dir, dataset, tmp_path_factory) -> dict:
+    """4 steps on 2 ranks in float32, checkpoints at steps 2 and 4, on the fused loss path with the
+    output layer sharded (`reshard_after_forward` on the root)."""
+    workdir = tmp_path_factory.mktemp(state_dict_type.split("_")[0].lower())
     config = base_config(
-        tiny_llama_dir, tiny_dataset, workdir, plugins=["axolotl_balora.BALoRAPlugin", PROBE],
+        model_dir, dataset, workdir, plugins=["axolotl_balora.BALoRAPlugin", PROBE],
         balora_init="pissa", gradient_accumulation_steps=1, save_strategy="steps", save_steps=2,
-        **fsdp2_config(request.param),
+        **FUSED_SETTINGS, **fsdp2_config(state_dict_type),
     )
     text = ok(fsdp2_run(config, workdir))
-    return {"config": config, "workdir": workdir, "text": text, "state_dict_type": request.param}
+    return {"config": config, "workdir": workdir, "text": text, "state_dict_type": state_dict_type}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_full(tiny_llama_dir, tiny_dataset, tmp_path_factory):
+    return uninterrupted_run("FULL_STATE_DICT", tiny_llama_dir, tiny_dataset, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_sharded(tiny_llama_dir, tiny_dataset, tmp_path_factory):
+    return uninterrupted_run("SHARDED_STATE_DICT", tiny_llama_dir, tiny_dataset, tmp_path_factory)
+
+
+@pytest.fixture(params=["FULL_STATE_DICT", "SHARDED_STATE_DICT"], ids=["full", "sharded"])
+def uninterrupted(request):
+    """The uninterrupted run of each state dict type (each runs once per module)."""
+    return request.getfixturevalue(f"uninterrupted_{request.param.split('_')[0].lower()}")
+
+
+@pytest.fixture(scope="module")
+def plain_full(uninterrupted_full, tmp_path_factory):
+    """The uninterrupted FULL_STATE_DICT run's first 2 steps on the plain loss path."""
+    workdir = tmp_path_factory.mktemp("plain")
+    return {"workdir": workdir, "text": ok(fsdp2_run(plain_config(uninterrupted_full["config"], workdir), workdir))}
+
+
+def test_fsdp2_sharded_head_takes_the_fused_path(uninterrupted_full, plain_full):
+    assert_sharded_head_took_the_fused_path(uninterrupted_full, plain_full)
+
+
+def test_fsdp2_sharded_fused_path_equals_the_plain_path(uninterrupted_full, plain_full):
+    assert_fused_equals_plain(uninterrupted_full, plain_full)
 
 
 def test_fsdp2_final_adapter_is_the_standard_export(uninterrupted, tiny_llama_dir, tmp_path):
@@ -80,25 +119,8 @@ def test_fsdp2_final_adapter_is_the_standard_export(uninterrupted, tiny_llama_di
         assert f"rank {rank} of 2 took 7 of 14 layers" in uninterrupted["text"]
 
 
-def test_fsdp2_second_run_loads_the_factors_from_the_cache(tiny_llama_dir, tiny_dataset, tmp_path):
-    cache = tmp_path / "cache"
-    runs = []
-    for name in ("first", "second"):
-        workdir = tmp_path / name
-        config = base_config(
-            tiny_llama_dir, tiny_dataset, workdir, plugins=["axolotl_balora.BALoRAPlugin", PROBE],
-            balora_init="pissa_niter_4", balora_init_cache=str(cache), max_steps=1,
-            **fsdp2_config("FULL_STATE_DICT"),
-        )
-        runs.append(ok(fsdp2_run(config, workdir)))
-    assert "(0 from the cache" in runs[0] and "(7 from the cache" not in runs[0]
-    assert runs[1].count("took 7 of 14 layers (7 from the cache") == 2  # both ranks
-    assert len(list(cache.glob("*.safetensors"))) == 14
-    first, second = (safetensors.torch.load_file(tmp_path / name / "probe" / "factors_rank1.safetensors")
-                     for name in ("first", "second"))
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-
-
+# FULL_STATE_DICT's resume is the relaunch in test_a_rank_killed_mid_training_resumes_from_the_last_checkpoint.
+@pytest.mark.parametrize("uninterrupted", ["SHARDED_STATE_DICT"], indirect=True)
 def test_fsdp2_resumed_run_ends_with_the_uninterrupted_adapter(uninterrupted, tmp_path):
     source = uninterrupted["workdir"] / "out"
     config, output = resume_after_step2(uninterrupted["config"], source, tmp_path)
@@ -138,25 +160,44 @@ def test_fsdp2_rank0_loading_keeps_the_frozen_factors_frozen(tiny_llama_dir, tin
     assert_saved_adapters_reproduce_the_run(tmp_path, tiny_llama_dir, tmp_path / "reload", lora_r=config["lora_r"])
 
 
-@pytest.mark.parametrize("uninterrupted", ["FULL_STATE_DICT"], indirect=True)
-def test_fsdp2_with_the_fused_lora_kernels_trains_like_the_unfused_run(uninterrupted, tiny_llama_dir, tiny_dataset,
-                                                                        tmp_path):
+@pytest.fixture(scope="module")
+def kernels_from_the_cache(uninterrupted_full, tmp_path_factory):
+    """The uninterrupted FULL_STATE_DICT run again with `lora_qkv_kernel` / `lora_o_kernel` on and its
+    PiSSA factors read from a copy of that run's factor cache: one 2-rank run for two checks."""
+    first = uninterrupted_full
+    workdir = tmp_path_factory.mktemp("kernels-from-the-cache")
+    shutil.copytree(first["workdir"] / "init-cache", workdir / "cache")
+    config = {**first["config"], "output_dir": str(workdir / "out"), "dataset_prepared_path": str(workdir / "prepared"),
+              "balora_init_cache": str(workdir / "cache"), "lora_qkv_kernel": True, "lora_o_kernel": True}
+    return {"first": first, "config": config, "workdir": workdir, "text": ok(fsdp2_run(config, workdir))}
+
+
+def test_fsdp2_second_run_loads_the_factors_from_the_cache(kernels_from_the_cache):
+    first, second = kernels_from_the_cache["first"], kernels_from_the_cache
+    assert "(0 from the cache" in first["text"] and "(7 from the cache" not in first["text"]
+    assert second["text"].count("took 7 of 14 layers (7 from the cache") == 2  # both ranks
+    assert len(list((second["workdir"] / "cache").rglob("*.safetensors"))) == 14
+    for rank in (0, 1):
+        expected, got = (safetensors.torch.load_file(run["workdir"] / "probe" / f"factors_rank{rank}.safetensors")
+                         for run in (first, second))
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_fsdp2_with_the_fused_lora_kernels_trains_like_the_unfused_run(kernels_from_the_cache, tiny_llama_dir):
     """`lora_qkv_kernel` / `lora_o_kernel` on 2 FSDP2 ranks: the kernels read the trainable pair
     outside its module's forward (axolotl unshards it) and still get BA-LoRA's stacked update."""
-    config = {**uninterrupted["config"], "output_dir": str(tmp_path / "out"),
-              "dataset_prepared_path": str(tmp_path / "prepared"), "lora_qkv_kernel": True, "lora_o_kernel": True}
-    text = ok(fsdp2_run(config, tmp_path))
+    run, workdir = kernels_from_the_cache, kernels_from_the_cache["workdir"]
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        assert f"a fused LoRA kernel computed {name} " in text, name
-    probe = tmp_path / "probe"
+        assert f"a fused LoRA kernel computed {name} " in run["text"], name
+    probe = workdir / "probe"
     begin = torch.load(probe / "logits_begin.pt")
     assert begin["engine"].startswith("FSDP")
     # the MLP projections (no kernel) take PEFT's two-adapter forward under FSDP2: (x + y) - y
     assert (begin["on"] - begin["off"]).abs().max() <= 1e-6 * begin["off"].abs().max()
     torch.testing.assert_close(begin["off"], pretrained_logits(tiny_llama_dir, probe), rtol=1e-5, atol=1e-5)
-    assert_saved_adapters_reproduce_the_run(tmp_path, tiny_llama_dir, tmp_path / "reload", lora_r=config["lora_r"])
-    unfused = safetensors.torch.load_file(uninterrupted["workdir"] / "out" / "adapter_model.safetensors")
-    fused = safetensors.torch.load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert_saved_adapters_reproduce_the_run(workdir, tiny_llama_dir, workdir / "reload", lora_r=run["config"]["lora_r"])
+    unfused = safetensors.torch.load_file(run["first"]["workdir"] / "out" / "adapter_model.safetensors")
+    fused = safetensors.torch.load_file(workdir / "out" / "adapter_model.safetensors")
     assert fused.keys() == unfused.keys()
     assert max((fused[k] - unfused[k]).abs().max().item() for k in fused) <= RESUME_TOLERANCE
 
@@ -238,10 +279,15 @@ def test_two_nodes_of_one_rank_give_what_one_node_of_two_ranks_gives(uninterrupt
         configs.append({**uninterrupted["config"], "output_dir": str(tmp_path / "out"),
                         "dataset_prepared_path": str(local / "prepared")})
         workdirs.append(local)
-        envs.append({"BALORA_PROBE_DIR": str(tmp_path / "probe"), "TMPDIR": str(local / "tmp"),
+        # A short TMPDIR of its own: the dataset pool's manager listens on a Unix socket in it, and
+        # a socket path over 107 bytes (a pytest-xdist worker's tmp_path is long) cannot be bound.
+        envs.append({"BALORA_PROBE_DIR": str(tmp_path / "probe"), "TMPDIR": tempfile.mkdtemp(prefix=f"node{node}-"),
                      "HF_HOME": str(local / "hf"), "BALORA_INIT_CACHE_DIR": str(local / "init-cache")})
-        (local / "tmp").mkdir(parents=True)
-    texts = [ok(result) for result in run_axolotl_on_cpu_nodes(configs, workdirs, "fsdp", envs)]
+    try:
+        texts = [ok(result) for result in run_axolotl_on_cpu_nodes(configs, workdirs, "fsdp", envs)]
+    finally:
+        for env in envs:
+            shutil.rmtree(env["TMPDIR"], ignore_errors=True)
     assert "rank 0 of 2 took 7 of 14 layers" in texts[0] and "rank 1 of 2 took 7 of 14 layers" in texts[1]
     for rank in (0, 1):  # the factors each rank held, bit for bit
         expected = safetensors.torch.load_file(reference / "probe" / f"factors_rank{rank}.safetensors")

@@ -375,7 +375,7 @@ def test_half_precision_lm_head_matches_the_models_own_logits():
 
 def test_a_zero3_partitioned_lm_head_keeps_the_fused_path():
     """ZeRO-3 (ds_id) weights are gathered for the loss (`parallel/output_layer.py`; 2-rank runs in
-    tests/test_sharded_fused.py), so partitioning alone is no reason to go plain."""
+    tests/fused_vs_plain.py), so partitioning alone is no reason to go plain."""
     model = apply_balora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     model.get_base_model().get_output_embeddings().weight.ds_id = 7
     assert fused_path_blocker(model) is None

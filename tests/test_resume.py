@@ -45,15 +45,11 @@ def test_resumed_run_matches_uninterrupted_run(uninterrupted, tmp_path):
         assert resumed_logs[-1][key] == pytest.approx(full_logs[-1][key], rel=1e-3, abs=1e-6), key
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [({"lora_r": 8}, "r: checkpoint 4, config 8"),
-     ({"balora_init": "gaussian"}, "balora_init: checkpoint 'pissa', config 'gaussian'")],
-    ids=["other-rank", "other-init"],
-)
-def test_resume_with_another_adapter_config_is_refused(uninterrupted, tmp_path, overrides, message):
-    result, output = _resume(uninterrupted, tmp_path, **overrides)
+def test_resume_with_another_adapter_config_is_refused(uninterrupted, tmp_path):
+    """Another rank and another init at once: the refusal names every difference."""
+    result, output = _resume(uninterrupted, tmp_path, lora_r=8, balora_init="gaussian")
     text = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "cannot resume" in text and message in text
+    assert "cannot resume" in text, text[-3000:]
+    assert "r: checkpoint 4, config 8" in text and "balora_init: checkpoint 'pissa', config 'gaussian'" in text
     assert not (output / "adapter_model.safetensors").exists()
