@@ -18,6 +18,9 @@ Three stages (`--stage`, default all):
 * bias: a skewed sentiment task that does not saturate (quality_tasks.BIAS_TASKS), first
   tuned on the base model and PiSSA only, then declared in docs/results.md, then run with
   every method (<results>/bias/<task>/).
+* bias-terms: on the declared bias task, which term moves minority recall: each term alone and
+  BA-LoRA at other consistency weights (BIAS_TERM_METHODS), at BA-LoRA's chosen rate
+  (<results>/bias/<task>/, beside the bias stage's runs).
 
 Resumable: each run writes its JSON and is skipped when that file exists (a trained
 adapter without its JSON is only re-scored). `--report` (also done after a run) merges
@@ -80,6 +83,14 @@ METHODS["balora-svd-only-0.1"] = {"adapter": "balora", **NO_REGULARIZERS, "balor
 METHODS["balora-constant-lambdas"] = {"adapter": "balora", "balora_lambda_schedule": "constant"}
 TUNED_ABLATIONS = ("balora-consistency-only", "balora-diversity-only-0.1", "balora-svd-only-0.1",
                    "balora-constant-lambdas")
+# Which term moves minority recall on the declared bias task (issue #31): each term alone (at the
+# ablations' lambdas), and full BA-LoRA with the consistency weight at 0, 0.01 and 0.1 (the spec's
+# 0.025 is `balora` itself, in the bias stage).
+CONSISTENCY_WEIGHTS = (0.0, 0.01, 0.1)
+for weight in CONSISTENCY_WEIGHTS:
+    METHODS[f"balora-consistency-{weight:g}"] = {"adapter": "balora", "balora_lambda_consistency": weight}
+BIAS_TERM_METHODS = ("balora-consistency-only", "balora-diversity-only-0.1", "balora-svd-only-0.1",
+                     *(f"balora-consistency-{weight:g}" for weight in CONSISTENCY_WEIGHTS))
 
 
 @dataclass(frozen=True)
@@ -205,6 +216,7 @@ def score(model_dir: Path, adapter_dir: Path | None, text: str, splits: dict, se
     return {
         **metrics.arithmetic_accuracy(model, tokenizer, splits["arithmetic"], sizes),
         **metrics.sentiment_scores(model, tokenizer, splits["sentiment"], sizes),
+        **metrics.label_probabilities(model, tokenizer, splits["sentiment"], sizes),
         **metrics.text_drift(model, tokenizer, text, sizes),
         **metrics.diversity(model, tokenizer, sizes),
     }
@@ -310,7 +322,7 @@ def default_results() -> Path:
     return REPO / "benchmarks" / "results" / "quality"
 
 
-STAGES = ("shared", "sweep", "tuned", "ablations", "bias")
+STAGES = ("shared", "sweep", "tuned", "ablations", "bias", "bias-terms")
 
 
 def shared_runs(smoke: bool, seeds: int, ablation_seeds: int, lora_lr_seeds: int) -> list[Run]:
@@ -358,6 +370,12 @@ def bias_runs(results: Path, task: str, seeds: int, methods: tuple[str, ...] = M
     ]
 
 
+def bias_term_runs(results: Path, task: str, seeds: int) -> list[Run]:
+    """`seeds` seeds of each BIAS_TERM_METHODS variant on a bias task, at BA-LoRA's chosen rate."""
+    rate = chosen_rates(results)["balora"]
+    return [Run(run_name(m, rate, s), m, s, learning_rate=rate, task=task) for s in range(seeds) for m in BIAS_TERM_METHODS]
+
+
 def planned_runs(stage: str, args: argparse.Namespace) -> tuple[list[Run], Path]:
     """A stage's runs and the folder their JSON goes to; ValueError when its inputs are missing.
 
@@ -376,6 +394,8 @@ def planned_runs(stage: str, args: argparse.Namespace) -> tuple[list[Run], Path]
     if task is None:
         raise ValueError("no bias task declared in docs/results.md (a line \"Declared bias task: `NAME`\" "
                          "in its bias-task block); tune candidates first with --stage bias --bias-task NAME")
+    if stage == "bias-terms":
+        return bias_term_runs(args.results, task, args.seeds), args.results / "bias" / task
     methods = ("pissa",) if args.bias_task else MAIN_METHODS
     return bias_runs(args.results, task, args.seeds, methods), args.results / "bias" / task
 
@@ -413,7 +433,7 @@ def main() -> None:
             try:
                 runs, folder = planned_runs(stage, args)
             except ValueError as error:
-                if stage == "bias" and args.stage == "all" and task is None:
+                if stage.startswith("bias") and args.stage == "all" and task is None:
                     print(f"[quality] bias stage skipped: {error}", flush=True)
                     continue
                 raise SystemExit(f"[quality] {stage} stage: {error}") from None

@@ -106,6 +106,48 @@ def sentiment_scores(model, tokenizer, reviews: list[Record], sizes: EvalSizes) 
     return scores
 
 
+MINORITY_LABEL = "negative"  # the rare class of every skewed sentiment task (quality_tasks)
+
+
+def answer_token(tokenizer: PreTrainedTokenizerBase, prompt: str, label: str) -> int:
+    """The first token of `label` as it follows `prompt` in training (prompt + output)."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    full_ids = tokenizer(prompt + label)["input_ids"]
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError(f"the prompt's tokens change when {label!r} follows it: no single answer position")
+    return full_ids[len(prompt_ids)]
+
+
+@torch.no_grad()
+def label_probabilities(model, tokenizer, reviews: list[Record], sizes: EvalSizes) -> dict[str, float]:
+    """What the model does to the minority class before it answers: at the answer position of each
+    test review, the probability of the minority label's first token, averaged per true class,
+    and KL(base || tuned) of that next-token distribution (the base: the adapter disabled; 0 for
+    the base model). Greedy recall says only which label wins; this says by how much."""
+    prompts = [alpaca_prompt(r["instruction"], r["input"]) for r in reviews]
+    minority = answer_token(tokenizer, prompts[0], MINORITY_LABEL)
+    without_adapter = model.disable_adapter if isinstance(model, PeftModel) else None
+    tokenizer.padding_side = "left"
+    tuned, reference = [], []
+    for start in range(0, len(prompts), sizes.batch):
+        encoded = tokenizer(prompts[start : start + sizes.batch], return_tensors="pt", padding=True)
+        # left padding: each row's positions start at its first real token, as in generate()
+        positions = (encoded["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        tuned.append(model(**encoded, position_ids=positions).logits[:, -1].float().log_softmax(-1))
+        if without_adapter is not None:
+            with without_adapter():
+                reference.append(model(**encoded, position_ids=positions).logits[:, -1].float().log_softmax(-1))
+    tuned_log_probs = torch.cat(tuned)
+    base_log_probs = torch.cat(reference) if reference else tuned_log_probs
+    p_minority = tuned_log_probs[:, minority].exp().tolist()
+    kl = (base_log_probs.exp() * (base_log_probs - tuned_log_probs)).sum(-1)
+    truth = [r["output"] for r in reviews]
+    scores = {f"p_{MINORITY_LABEL}_on_{label}": _mean([p for p, t in zip(p_minority, truth) if t == label])
+              for label in LABELS}
+    scores["answer_kl_base_tuned"] = kl.mean().item()
+    return scores
+
+
 @torch.no_grad()
 def text_drift(model, tokenizer, text: str, sizes: EvalSizes) -> dict[str, float]:
     """Perplexity of the tuned model and mean token KL(base || tuned) on held-out English.

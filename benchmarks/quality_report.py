@@ -30,6 +30,13 @@ METRICS = (
     ("train_seconds", "train s", "-"),
 )
 CHART_METRICS = METRICS[:6]
+# What the model does to the minority class at the answer position (quality_metrics.label_probabilities).
+PROBABILITY_METRICS = (
+    ("p_negative_on_negative", "P(negative) on negative reviews", "higher"),
+    ("p_negative_on_positive", "P(negative) on positive reviews", "lower"),
+    ("answer_kl_base_tuned", "KL(base‖tuned) at the answer", "-"),
+    ("recall_negative", "minority recall", "higher"),
+)
 # Hand-written blocks of results.md that regeneration keeps: (marker name, text when absent).
 FINDINGS = ("findings", "_No findings written yet: read the table._")
 BIAS_DECLARATION = ("bias-task", "_No bias task declared yet._")
@@ -60,12 +67,12 @@ def cell(runs: list[dict], key: str) -> str:
     return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
-def table(grouped: dict[str, list[dict]]) -> str:
+def table(grouped: dict[str, list[dict]], metrics: tuple[tuple[str, str, str], ...] = METRICS) -> str:
     """Markdown table: one row per group (method, or method at a rate), mean ± sd over its seeds."""
-    header = "| method | runs | " + " | ".join(title for _, title, _ in METRICS) + " |"
-    better = "| | | " + " | ".join(direction for _, _, direction in METRICS) + " |"
-    rule = "|" + "---|" * (len(METRICS) + 2)
-    rows = [f"| {method} | {len(runs)} | " + " | ".join(cell(runs, key) for key, _, _ in METRICS) + " |"
+    header = "| method | runs | " + " | ".join(title for _, title, _ in metrics) + " |"
+    better = "| | | " + " | ".join(direction for _, _, direction in metrics) + " |"
+    rule = "|" + "---|" * (len(metrics) + 2)
+    rows = [f"| {method} | {len(runs)} | " + " | ".join(cell(runs, key) for key, _, _ in metrics) + " |"
             for method, runs in grouped.items()]
     return "\n".join([header, rule, better, *rows])
 
@@ -222,6 +229,11 @@ in the block below (by hand, before any BA-LoRA or LoRA run on it), and
         grouped = load_runs(folder)
         if grouped:
             parts.append(f"### `{folder.name}` (test, mean ± sd over seeds)\n\n{table(by_method_and_rate(grouped))}")
+        probed = {method: [run for run in runs if PROBABILITY_METRICS[0][0] in run]
+                  for method, runs in by_method_and_rate(grouped).items()}
+        if any(probed.values()):
+            parts.append(f"### `{folder.name}`: the minority label at the answer position (runs scored with it)\n\n"
+                         + table({method: runs for method, runs in probed.items() if runs}, PROBABILITY_METRICS))
     return "\n\n".join(parts)
 
 

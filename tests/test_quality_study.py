@@ -113,16 +113,58 @@ def test_tuned_runs_reuse_the_sweep_adapter_and_the_report_shows_both(tmp_path):
         quality.write_json(results / "bias" / "skew97" / f"{run.name}.json", {
             **scores, "method": run.method or "base", "learning_rate": run.learning_rate, "seed": run.seed,
             "arithmetic_accuracy": 0.5, "recall_negative": 0.6, "text_kl_base_tuned": 0.03})
+        if run.seed == 0:  # scored with the answer-position probabilities (older runs were not)
+            quality.write_json(results / "bias" / "skew97" / f"{run.name}.json", {
+                **json.loads((results / "bias" / "skew97" / f"{run.name}.json").read_text()),
+                "p_negative_on_negative": 0.2, "p_negative_on_positive": 0.1, "answer_kl_base_tuned": 0.5})
+    terms = quality.bias_term_runs(results, "skew97", seeds=3)
+    assert {run.method for run in terms} == set(quality.BIAS_TERM_METHODS) and len(terms) == 18
+    assert {(run.learning_rate, run.task, run.split) for run in terms} == {(best["balora"], "skew97", "test")}
+    assert "balora-consistency-0" in quality.BIAS_TERM_METHODS  # the consistency weight down to 0
     docs.mkdir()
     declaration = "Declared bias task: `skew97` (written before any BA-LoRA run on it)."
     (docs / "results.md").write_text(f"<!-- bias-task:start -->\n{declaration}\n<!-- bias-task:end -->\n")
     report = write_report(results, docs, "test").read_text()
     assert declaration in report  # hand-written, kept across regenerations
     assert "### `skew97`" in report and "| pissa @ 1e-4 | 2 | 0.500 ± 0.000 |" in report
+    assert "the minority label at the answer position" in report
+    assert "| pissa @ 1e-4 | 1 | 0.200 | 0.100 | 0.500 | 0.600 |" in report  # only the seed scored with it
     assert "| pissa | 1e-4 | 0.900 | 1.000 | 0.950 | 0.0500 | **yes** |" in report
     assert "| pissa | 3e-4 | 0.300 |" in report and report.count("**yes**") == 3
     assert "| pissa @ 1e-4 | 3 | 0.800 ± 0.000 |" in report
     assert (docs / "img" / "quality_lr_sweep.png").stat().st_size > 0
+
+
+def test_label_probabilities_match_one_prompt_at_a_time(tiny_llama_dir):
+    """Left-padded batches with their own positions = each review alone, with and without the adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import quality_metrics as metrics
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    reviews = held_out_splits(TaskSizes(arithmetic_test=2, sentiment_test=6), [])["sentiment"]
+    assert len({len(tokenizer(r["input"])["input_ids"]) for r in reviews}) > 1  # padding happens
+    got = metrics.label_probabilities(model, tokenizer, reviews, metrics.EvalSizes(batch=4))
+    minority, by_class, kls = None, {"negative": [], "positive": []}, []
+    with torch.no_grad():
+        for review in reviews:
+            prompt = metrics.alpaca_prompt(review["instruction"], review["input"])
+            minority = metrics.answer_token(tokenizer, prompt, "negative")
+            ids = tokenizer(prompt, return_tensors="pt")
+            tuned = model(**ids).logits[0, -1].log_softmax(-1)
+            with model.disable_adapter():
+                reference = model(**ids).logits[0, -1].log_softmax(-1)
+            by_class[review["output"]].append(tuned[minority].exp().item())
+            kls.append((reference.exp() * (reference - tuned)).sum().item())
+    for label, values in by_class.items():
+        assert got[f"p_negative_on_{label}"] == pytest.approx(sum(values) / len(values), rel=1e-4)
+    assert got["answer_kl_base_tuned"] == pytest.approx(sum(kls) / len(kls), rel=1e-3) and got["answer_kl_base_tuned"] > 0
+    assert metrics.label_probabilities(base, tokenizer, reviews, metrics.EvalSizes())["answer_kl_base_tuned"] == 0.0
 
 
 def test_every_method_is_a_valid_balora_config():
@@ -213,7 +255,9 @@ def test_smoke_run_trains_scores_and_reports(tmp_path):
         for key in ("arithmetic_accuracy", "sentiment_accuracy", "recall_negative", "text_perplexity",
                     "text_kl_base_tuned", "distinct_2", "generation_entropy"):
             assert run[key] == run[key], f"{name}: {key} is NaN"
-    assert runs["base"]["text_kl_base_tuned"] == 0.0
+    assert runs["base"]["text_kl_base_tuned"] == 0.0 and runs["base"]["answer_kl_base_tuned"] == 0.0
+    for run in runs.values():
+        assert 0.0 <= run["p_negative_on_negative"] <= 1.0 and 0.0 <= run["p_negative_on_positive"] <= 1.0
     assert runs["lora-s0"]["settings"]["steps"] == 2
     assert "mean_consistency" in runs["balora-s0"] and "mean_consistency" not in runs["lora-s0"]
     report = (docs / "results.md").read_text()
