@@ -43,7 +43,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from ports import free_port  # ci/, this script's folder
 
 # Quiet, offline, about one core. Set before torch / vLLM are imported, and inherited by
 # the child processes (vLLM's engine core and workers, `vllm serve`).
@@ -202,12 +203,6 @@ def run_child(spec: dict[str, Any], log_path: Path, timeout: float) -> dict[str,
 
 
 # --------------------------------------------------------------------------- vllm serve
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def http_json(url: str, payload: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "ci"))
 
 from demo_summary import training_logs  # noqa: E402  (re-exported for the tests)
+from ports import free_port  # noqa: E402  (re-exported for the tests)
 
 __all__ = ["axolotl_command", "base_config", "free_port", "run_axolotl", "run_axolotl_on_cpu_nodes",
            "run_axolotl_on_cpu_ranks", "run_axolotl_train",
@@ -92,12 +92,6 @@ def resume_after_step2(config: dict[str, Any], source_output: Path, workdir: Pat
     resumed = {**config, "output_dir": str(output), "resume_from_checkpoint": str(output / "checkpoint-2"),
                **overrides}
     return resumed, output
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _cpu_ranks(config: dict[str, Any], engine: str, extra_env: dict[str, str] | None
