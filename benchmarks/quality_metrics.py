@@ -106,6 +106,19 @@ def sentiment_scores(model, tokenizer, reviews: list[Record], sizes: EvalSizes) 
     return scores
 
 
+def tuned_and_base_log_probs(model, inputs: dict, positions: int | slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token log-probabilities at `positions`, with the adapter and without it.
+
+    The base is the same model with its adapter disabled (a LoRA adds nothing then), so no
+    second copy is loaded; for the base model itself both are its own (KL 0)."""
+    def log_probs() -> torch.Tensor:
+        return model(**inputs).logits[:, positions].float().log_softmax(-1)
+
+    tuned = log_probs()
+    with model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext():
+        return tuned, log_probs()
+
+
 MINORITY_LABEL = "negative"  # the rare class of every skewed sentiment task (quality_tasks)
 
 
@@ -126,19 +139,16 @@ def label_probabilities(model, tokenizer, reviews: list[Record], sizes: EvalSize
     the base model). Greedy recall says only which label wins; this says by how much."""
     prompts = [alpaca_prompt(r["instruction"], r["input"]) for r in reviews]
     minority = answer_token(tokenizer, prompts[0], MINORITY_LABEL)
-    without_adapter = model.disable_adapter if isinstance(model, PeftModel) else None
     tokenizer.padding_side = "left"
     tuned, reference = [], []
     for start in range(0, len(prompts), sizes.batch):
         encoded = tokenizer(prompts[start : start + sizes.batch], return_tensors="pt", padding=True)
         # left padding: each row's positions start at its first real token, as in generate()
         positions = (encoded["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        tuned.append(model(**encoded, position_ids=positions).logits[:, -1].float().log_softmax(-1))
-        if without_adapter is not None:
-            with without_adapter():
-                reference.append(model(**encoded, position_ids=positions).logits[:, -1].float().log_softmax(-1))
-    tuned_log_probs = torch.cat(tuned)
-    base_log_probs = torch.cat(reference) if reference else tuned_log_probs
+        batch_tuned, batch_base = tuned_and_base_log_probs(model, {**encoded, "position_ids": positions}, -1)
+        tuned.append(batch_tuned)
+        reference.append(batch_base)
+    tuned_log_probs, base_log_probs = torch.cat(tuned), torch.cat(reference)
     p_minority = tuned_log_probs[:, minority].exp().tolist()
     kl = (base_log_probs.exp() * (base_log_probs - tuned_log_probs)).sum(-1)
     truth = [r["output"] for r in reviews]
@@ -152,21 +162,17 @@ def label_probabilities(model, tokenizer, reviews: list[Record], sizes: EvalSize
 def text_drift(model, tokenizer, text: str, sizes: EvalSizes) -> dict[str, float]:
     """Perplexity of the tuned model and mean token KL(base || tuned) on held-out English.
 
-    The base is the same model with its adapter disabled (a LoRA adds nothing
-    then), so no second copy is loaded. The text is cut into `text_windows`
-    evenly spaced windows of `window_tokens` tokens.
+    The base is the model with its adapter disabled (`tuned_and_base_log_probs`). The
+    text is cut into `text_windows` evenly spaced windows of `window_tokens` tokens.
     """
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     length = sizes.window_tokens
     stride = (len(ids) - length) // max(sizes.text_windows - 1, 1)
     windows = torch.stack([ids[i * stride : i * stride + length] for i in range(sizes.text_windows)])
-    without_adapter = model.disable_adapter if isinstance(model, PeftModel) else contextlib.nullcontext
     nll, kl, count = 0.0, 0.0, 0
     for start in range(0, len(windows), sizes.batch):
         chunk = windows[start : start + sizes.batch]
-        tuned = model(input_ids=chunk).logits[:, :-1].float().log_softmax(-1)
-        with without_adapter():
-            reference = model(input_ids=chunk).logits[:, :-1].float().log_softmax(-1)
+        tuned, reference = tuned_and_base_log_probs(model, {"input_ids": chunk}, slice(None, -1))
         targets = chunk[:, 1:]
         nll -= tuned.gather(-1, targets.unsqueeze(-1)).sum().item()
         kl += (reference.exp() * (reference - tuned)).sum().item()

@@ -135,18 +135,55 @@ def test_tuned_runs_reuse_the_sweep_adapter_and_the_report_shows_both(tmp_path):
     assert (docs / "img" / "quality_lr_sweep.png").stat().st_size > 0
 
 
-def test_label_probabilities_match_one_prompt_at_a_time(tiny_llama_dir):
-    """Left-padded batches with their own positions = each review alone, with and without the adapter."""
+def tiny_tuned_model(model_dir):
+    """(tokenizer, base, PEFT model): a LoRA with random (non-zero) B, so tuned != base."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    return tokenizer, base, model.eval()
+
+
+def test_text_drift_is_perplexity_and_kl_against_the_disabled_adapter(tiny_llama_dir):
+    """Windowed batches = the same windows scored one at a time, tuned vs adapter disabled."""
+    import math
+
+    import torch
+
     import quality_metrics as metrics
 
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    tokenizer, base, model = tiny_tuned_model(tiny_llama_dir)
+    text = " ".join(f"word{i % 37} and more words" for i in range(200))
+    sizes = metrics.EvalSizes(text_windows=3, window_tokens=16, batch=2)
+    got = metrics.text_drift(model, tokenizer, text, sizes)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stride = (len(ids) - 16) // 2
+    nll, kl, count = 0.0, 0.0, 0
+    with torch.no_grad():
+        for i in range(3):
+            window = torch.tensor([ids[i * stride : i * stride + 16]])
+            tuned = model(input_ids=window).logits[0, :-1].log_softmax(-1)
+            with model.disable_adapter():
+                reference = model(input_ids=window).logits[0, :-1].log_softmax(-1)
+            nll -= tuned.gather(-1, window[0, 1:, None]).sum().item()
+            kl += (reference.exp() * (reference - tuned)).sum().item()
+            count += 15
+    assert got["text_perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert got["text_kl_base_tuned"] == pytest.approx(kl / count, rel=1e-3) and got["text_kl_base_tuned"] > 0
+    assert metrics.text_drift(base, tokenizer, text, sizes)["text_kl_base_tuned"] == 0.0
+
+
+def test_label_probabilities_match_one_prompt_at_a_time(tiny_llama_dir):
+    """Left-padded batches with their own positions = each review alone, with and without the adapter."""
+    import torch
+
+    import quality_metrics as metrics
+
+    tokenizer, base, model = tiny_tuned_model(tiny_llama_dir)
     reviews = held_out_splits(TaskSizes(arithmetic_test=2, sentiment_test=6), [])["sentiment"]
     assert len({len(tokenizer(r["input"])["input_ids"]) for r in reviews}) > 1  # padding happens
     got = metrics.label_probabilities(model, tokenizer, reviews, metrics.EvalSizes(batch=4))
