@@ -76,8 +76,10 @@ def settle_kernel_keys(data: dict[str, Any], zero_stage: int | None) -> None:
 
 # -- at run time --------------------------------------------------------------------------------
 
-_layer_names: dict[int, str] = {}
+# The projection kinds ("q_proj", ...) a kernel has computed in this process: each is logged once.
 _served: set[str] = set()
+# Set on each BA-LoRA projection by `report_patched_layers`: its kind, for that log line.
+KIND_ATTRIBUTE = "balora_projection_kind"
 
 
 def _balora_lora_parameters(original: Callable[[nn.Module], tuple]) -> Callable[[nn.Module], tuple]:
@@ -99,7 +101,7 @@ def _balora_lora_parameters(original: Callable[[nn.Module], tuple]) -> Callable[
 
 
 def _note_served(proj: nn.Module) -> None:
-    kind = _layer_names.get(id(proj), type(proj).__name__).rsplit(".", 1)[-1]
+    kind = getattr(proj, KIND_ATTRIBUTE, type(proj).__name__)
     if kind not in _served:
         _served.add(kind)
         LOG.info("BA-LoRA: a fused LoRA kernel computed %s (the rank-2r update [B | B-B0] [A-A0 ; A0])", kind)
@@ -120,7 +122,8 @@ def install_kernel_support() -> None:
 
 def report_patched_layers(model: nn.Module) -> int:
     """Log how many BA-LoRA projections sit under a patched kernel forward; remember their names."""
-    _layer_names.update({id(layer): name for name, layer in lora_layers(model)})
+    for name, layer in lora_layers(model):
+        setattr(layer, KIND_ATTRIBUTE, name.rsplit(".", 1)[-1])
     patched = [name for name, module in model.named_modules()
                if any(getattr(getattr(module, attribute, None), "__name__", "").startswith("apply_lora_")
                       for attribute in ("apply_qkv", "apply_o", "forward"))]

@@ -124,3 +124,18 @@ def test_axolotl_own_lora_models_still_get_axolotl_answer():
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     parameters = axolotl_kernels.get_lora_parameters(q_proj)
     assert parameters[3] is q_proj.lora_A["default"].weight and parameters[4] is q_proj.lora_B["default"].weight
+
+
+def test_each_projection_kind_a_kernel_computed_is_logged_once_by_its_name(monkeypatch, caplog):
+    """The CLI tests read these lines to know which projections the kernels really computed."""
+    from axolotl_balora import kernels
+
+    monkeypatch.setattr(kernels, "_served", set())
+    model = balora_llama().eval()
+    kernels.report_patched_layers(model)
+    attn, mlp = first_layer(model)
+    with caplog.at_level("INFO", logger=kernels.LOG.name), torch.no_grad():
+        for _ in range(2):
+            axolotl_kernels.apply_lora_qkv(attn, hidden_states())
+    computed = [r.getMessage() for r in caplog.records if "a fused LoRA kernel computed" in r.getMessage()]
+    assert [line.split("computed ")[1].split(" ")[0] for line in computed] == ["q_proj", "k_proj", "v_proj"]
