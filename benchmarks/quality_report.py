@@ -37,6 +37,8 @@ PROBABILITY_METRICS = (
     ("answer_kl_base_tuned", "KL(base‖tuned) at the answer", "-"),
     ("recall_negative", "minority recall", "higher"),
 )
+# Read per seed in the bias section (recall is bimodal over seeds; the probability is not).
+SEED_METRICS = (("recall_negative", "minority recall"), ("p_negative_on_negative", "P(negative) on negative"))
 # Hand-written blocks of results.md that regeneration keeps: (marker name, text when absent).
 FINDINGS = ("findings", "_No findings written yet: read the table._")
 BIAS_DECLARATION = ("bias-task", "_No bias task declared yet._")
@@ -111,6 +113,20 @@ def by_method_and_rate(grouped: dict[str, list[dict]]) -> dict[str, list[dict]]:
             rate = run.get("learning_rate")
             regrouped.setdefault(method if rate is None else f"{method} @ {learning_rate_tag(rate)}", []).append(run)
     return regrouped
+
+
+def seed_table(grouped: dict[str, list[dict]], metrics: tuple[tuple[str, str], ...]) -> str:
+    """One row per group and metric, one column per seed: bimodal results are read seed by seed,
+    and the same seed is the same data order (and, for PiSSA-initialized methods, the same init)."""
+    seeds = sorted({run["seed"] for runs in grouped.values() for run in runs})
+    rows = ["| method | " + " | ".join(f"seed {seed}" for seed in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for key, title in metrics:
+        for method, runs in grouped.items():
+            by_seed = {run["seed"]: run[key] for run in runs if key in run}
+            if by_seed:
+                rows.append(f"| {method}: {title} | "
+                            + " | ".join(f"{by_seed[seed]:.3f}" if seed in by_seed else "–" for seed in seeds) + " |")
+    return "\n".join(rows)
 
 
 def sweep_table(grouped: dict[str, list[dict]]) -> str:
@@ -233,7 +249,11 @@ in the block below (by hand, before any BA-LoRA or LoRA run on it), and
                   for method, runs in by_method_and_rate(grouped).items()}
         if any(probed.values()):
             parts.append(f"### `{folder.name}`: the minority label at the answer position (runs scored with it)\n\n"
+                         "Before training every method is the base model (PiSSA's init leaves its function "
+                         "unchanged), so the base row is the \"before\".\n\n"
                          + table({method: runs for method, runs in probed.items() if runs}, PROBABILITY_METRICS))
+        if any(len(runs) > 1 for runs in grouped.values()):
+            parts.append(f"### `{folder.name}`: per seed\n\n" + seed_table(by_method_and_rate(grouped), SEED_METRICS))
     return "\n\n".join(parts)
 
 

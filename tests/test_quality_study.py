@@ -129,6 +129,8 @@ def test_tuned_runs_reuse_the_sweep_adapter_and_the_report_shows_both(tmp_path):
     assert "### `skew97`" in report and "| pissa @ 1e-4 | 2 | 0.500 ± 0.000 |" in report
     assert "the minority label at the answer position" in report
     assert "| pissa @ 1e-4 | 1 | 0.200 | 0.100 | 0.500 | 0.600 |" in report  # only the seed scored with it
+    assert "| method | seed 0 | seed 1 |" in report and "| pissa @ 1e-4: minority recall | 0.600 | 0.600 |" in report
+    assert "| pissa @ 1e-4: P(negative) on negative | 0.200 | – |" in report
     assert "| pissa | 1e-4 | 0.900 | 1.000 | 0.950 | 0.0500 | **yes** |" in report
     assert "| pissa | 3e-4 | 0.300 |" in report and report.count("**yes**") == 3
     assert "| pissa @ 1e-4 | 3 | 0.800 ± 0.000 |" in report
