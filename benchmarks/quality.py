@@ -84,9 +84,10 @@ METHODS["balora-constant-lambdas"] = {"adapter": "balora", "balora_lambda_schedu
 TUNED_ABLATIONS = ("balora-consistency-only", "balora-diversity-only-0.1", "balora-svd-only-0.1",
                    "balora-constant-lambdas")
 # Which term moves minority recall on the declared bias task (issue #31): each term alone (at the
-# ablations' lambdas), and full BA-LoRA with the consistency weight at 0, 0.01 and 0.1 (the spec's
-# 0.025 is `balora` itself, in the bias stage).
-CONSISTENCY_WEIGHTS = (0.0, 0.01, 0.1)
+# ablations' lambdas), and full BA-LoRA with the consistency weight at 0 and 0.01 (the spec's
+# 0.025 is `balora` itself, in the bias stage). Nothing above 0.025: recall is 0 in every seed
+# there already; the question is whether a smaller weight lets the minority class through.
+CONSISTENCY_WEIGHTS = (0.0, 0.01)
 for weight in CONSISTENCY_WEIGHTS:
     METHODS[f"balora-consistency-{weight:g}"] = {"adapter": "balora", "balora_lambda_consistency": weight}
 BIAS_TERM_METHODS = ("balora-consistency-only", "balora-diversity-only-0.1", "balora-svd-only-0.1",

@@ -118,7 +118,7 @@ def test_tuned_runs_reuse_the_sweep_adapter_and_the_report_shows_both(tmp_path):
                 **json.loads((results / "bias" / "skew97" / f"{run.name}.json").read_text()),
                 "p_negative_on_negative": 0.2, "p_negative_on_positive": 0.1, "answer_kl_base_tuned": 0.5})
     terms = quality.bias_term_runs(results, "skew97", seeds=3)
-    assert {run.method for run in terms} == set(quality.BIAS_TERM_METHODS) and len(terms) == 18
+    assert {run.method for run in terms} == set(quality.BIAS_TERM_METHODS) and len(terms) == 15
     assert {(run.learning_rate, run.task, run.split) for run in terms} == {(best["balora"], "skew97", "test")}
     assert "balora-consistency-0" in quality.BIAS_TERM_METHODS  # the consistency weight down to 0
     docs.mkdir()
