@@ -173,6 +173,31 @@ def frontier_chart(grouped: dict[str, list[dict]], target: Path) -> None:
     plt.close(figure)
 
 
+def bias_chart(grouped: dict[str, list[dict]], target: Path, task: str) -> None:
+    """Per method (at its rate): each seed's minority recall and P(negative) on the negative reviews,
+    bars at the mean; seeds are dots, since recall is bimodal and a mean hides that."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(SEED_METRICS), figsize=(7 * len(SEED_METRICS), 4.5))
+    for axis, (key, title) in zip(axes, SEED_METRICS):
+        methods = [m for m, runs in grouped.items() if any(key in run for run in runs)]
+        for index, method in enumerate(methods):
+            values = [run[key] for run in grouped[method] if key in run]
+            axis.bar(index, statistics.fmean(values), color="#999999" if method == "base" else "#4c72b0", alpha=0.6)
+            axis.plot([index] * len(values), values, "k.", ms=6)
+        axis.set_xticks(range(len(methods)), methods, rotation=35, ha="right", fontsize=8)
+        axis.set_title(f"{title} (bar: mean; dots: seeds)", fontsize=10)
+        axis.set_ylim(0, 1.05)
+    figure.suptitle(f"`{task}`: the minority class after training")
+    figure.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, dpi=90)
+    plt.close(figure)
+
+
 def sweep_section(results: Path, docs: Path) -> str:
     """The sweep's table and chart, or a line saying it has not been run."""
     grouped = load_runs(results / "sweep") if (results / "sweep").is_dir() else {}
@@ -222,7 +247,8 @@ def declared_bias_task(results_md: Path) -> str | None:
 
 
 def bias_section(results: Path, results_md: Path) -> str:
-    """The declaration (kept), then one table per task folder: tuning runs and the final runs."""
+    """The declaration (kept), then per task folder: its table, the answer-position table, the
+    per-seed table and chart (written next to results.md, under img/)."""
     from quality_tasks import BIAS_TASKS
 
     candidates = "\n".join(
@@ -253,7 +279,10 @@ in the block below (by hand, before any BA-LoRA or LoRA run on it), and
                          "unchanged), so the base row is the \"before\".\n\n"
                          + table({method: runs for method, runs in probed.items() if runs}, PROBABILITY_METRICS))
         if any(len(runs) > 1 for runs in grouped.values()):
-            parts.append(f"### `{folder.name}`: per seed\n\n" + seed_table(by_method_and_rate(grouped), SEED_METRICS))
+            image = f"img/quality_bias_{folder.name}.png"
+            bias_chart(by_method_and_rate(grouped), results_md.parent / image, folder.name)
+            parts.append(f"### `{folder.name}`: per seed\n\n" + seed_table(by_method_and_rate(grouped), SEED_METRICS)
+                         + f"\n\n![minority class per seed]({image})")
     return "\n\n".join(parts)
 
 

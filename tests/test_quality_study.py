@@ -135,6 +135,8 @@ def test_tuned_runs_reuse_the_sweep_adapter_and_the_report_shows_both(tmp_path):
     assert "| pissa | 3e-4 | 0.300 |" in report and report.count("**yes**") == 3
     assert "| pissa @ 1e-4 | 3 | 0.800 ± 0.000 |" in report
     assert (docs / "img" / "quality_lr_sweep.png").stat().st_size > 0
+    assert "![minority class per seed](img/quality_bias_skew97.png)" in report
+    assert (docs / "img" / "quality_bias_skew97.png").stat().st_size > 0
 
 
 def tiny_tuned_model(model_dir):
