@@ -79,6 +79,16 @@ def table(grouped: dict[str, list[dict]], metrics: tuple[tuple[str, str, str], .
     return "\n".join([header, rule, better, *rows])
 
 
+def save_figure(figure, target: Path) -> None:
+    """Lay out, write (creating img/) and free one report figure."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, dpi=90)
+    plt.close(figure)
+
+
 def chart(grouped: dict[str, list[dict]], target: Path) -> None:
     """Bar per method and metric, error bars = sd over seeds, dots = single runs."""
     import matplotlib
@@ -99,10 +109,7 @@ def chart(grouped: dict[str, list[dict]], target: Path) -> None:
                         rotation=35, ha="right", fontsize=8)
         axis.set_title(f"{title} ({direction})", fontsize=10)
     figure.suptitle("SmolLM2-135M-Instruct, mean ± sd over seeds (dots: single runs)")
-    figure.tight_layout()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, dpi=90)
-    plt.close(figure)
+    save_figure(figure, target)
 
 
 def by_method_and_rate(grouped: dict[str, list[dict]]) -> dict[str, list[dict]]:
@@ -167,10 +174,7 @@ def frontier_chart(grouped: dict[str, list[dict]], target: Path) -> None:
     axis.set_ylabel("validation task score (mean of the two accuracies)")
     axis.set_title("Learning-rate sweep, one seed per point (labels: learning rate)", fontsize=10)
     axis.legend()
-    figure.tight_layout()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, dpi=90)
-    plt.close(figure)
+    save_figure(figure, target)
 
 
 def bias_chart(grouped: dict[str, list[dict]], target: Path, task: str) -> None:
@@ -192,10 +196,7 @@ def bias_chart(grouped: dict[str, list[dict]], target: Path, task: str) -> None:
         axis.set_title(f"{title} (bar: mean; dots: seeds)", fontsize=10)
         axis.set_ylim(0, 1.05)
     figure.suptitle(f"`{task}`: the minority class after training")
-    figure.tight_layout()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, dpi=90)
-    plt.close(figure)
+    save_figure(figure, target)
 
 
 def sweep_section(results: Path, docs: Path) -> str:
@@ -269,10 +270,11 @@ in the block below (by hand, before any BA-LoRA or LoRA run on it), and
              kept_with_markers(results_md, BIAS_DECLARATION)]
     for folder in sorted((results / "bias").glob("*/")) if (results / "bias").is_dir() else []:
         grouped = load_runs(folder)
+        regrouped = by_method_and_rate(grouped)
         if grouped:
-            parts.append(f"### `{folder.name}` (test, mean ± sd over seeds)\n\n{table(by_method_and_rate(grouped))}")
+            parts.append(f"### `{folder.name}` (test, mean ± sd over seeds)\n\n{table(regrouped)}")
         probed = {method: [run for run in runs if PROBABILITY_METRICS[0][0] in run]
-                  for method, runs in by_method_and_rate(grouped).items()}
+                  for method, runs in regrouped.items()}
         if any(probed.values()):
             parts.append(f"### `{folder.name}`: the minority label at the answer position (runs scored with it)\n\n"
                          "Before training every method is the base model (PiSSA's init leaves its function "
@@ -280,8 +282,8 @@ in the block below (by hand, before any BA-LoRA or LoRA run on it), and
                          + table({method: runs for method, runs in probed.items() if runs}, PROBABILITY_METRICS))
         if any(len(runs) > 1 for runs in grouped.values()):
             image = f"img/quality_bias_{folder.name}.png"
-            bias_chart(by_method_and_rate(grouped), results_md.parent / image, folder.name)
-            parts.append(f"### `{folder.name}`: per seed\n\n" + seed_table(by_method_and_rate(grouped), SEED_METRICS)
+            bias_chart(regrouped, results_md.parent / image, folder.name)
+            parts.append(f"### `{folder.name}`: per seed\n\n" + seed_table(regrouped, SEED_METRICS)
                          + f"\n\n![minority class per seed]({image})")
     return "\n\n".join(parts)
 
