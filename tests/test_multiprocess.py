@@ -35,7 +35,8 @@ def _run(args: list[str], processes: int) -> None:
 
 
 def _run_worker(worker: Path, args: list[str], processes: int) -> None:
-    env = {**os.environ, "PYTHONPATH": str(worker.parent), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(filter(None, [str(worker.parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                    "--master_port", str(free_port()), str(worker), *args]

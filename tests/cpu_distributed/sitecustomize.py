@@ -1,9 +1,9 @@
 """Test-only: let accelerate and axolotl run DeepSpeed and FSDP2 on CPU ranks over gloo.
 
-Put this folder on PYTHONPATH of an `axolotl train` subprocess (the tests do, via
-`tests/axolotl_cli.py`): Python imports `sitecustomize` at start-up in the CLI and in
-every torchrun rank. It rewrites a few exact spots of accelerate and axolotl source
-as those modules are imported, and nothing else:
+This folder is on PYTHONPATH of every test subprocess (tests/conftest.py), so Python imports
+`sitecustomize` at start-up in the CLI and in every torchrun rank. With
+`BALORA_CPU_DISTRIBUTED_PATCH=1` (set for CPU ranks by `tests/axolotl_cli.py`) it rewrites a few
+exact spots of accelerate and axolotl source as those modules are imported, and nothing else:
 
 * accelerate `state.py`: DeepSpeed is selected only when `cpu` is off, yet CPU ranks
   need `cpu=True` to get the gloo backend; and FSDP is selected only for GPU-like
@@ -17,6 +17,9 @@ as those modules are imported, and nothing else:
   of torch raises; a CUDA build on a machine without a GPU (the only torch for Python
   3.12 with axolotl 0.21) raises RuntimeError ("Found no NVIDIA driver"). Caught too.
   `BALORA_CPU_DISTRIBUTED_PATCH=p2p` applies this one alone (plain DDP on CPU ranks).
+
+At start-up it also installs the session's `packages_distributions` cache
+(`metadata_cache.py`, a speed-up only: every test subprocess has this folder on PYTHONPATH).
 
 A spot that is not found exactly once raises, so a changed upstream version fails
 the tests loudly instead of silently running without the patch. Never part of the
@@ -122,6 +125,11 @@ class _PatchingFinder(importlib.abc.MetaPathFinder):
         spec.loader = _PatchedSourceLoader(fullname, spec.origin)
         return spec
 
+
+if __name__ == "sitecustomize":  # at start-up only, not when a test imports this module
+    import metadata_cache
+
+    metadata_cache.install()
 
 _MODE = os.environ.get("BALORA_CPU_DISTRIBUTED_PATCH")
 if _MODE == "p2p":
