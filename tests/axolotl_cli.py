@@ -17,12 +17,20 @@ sys.path.insert(0, str(REPO_ROOT / "ci"))
 from demo_summary import training_logs  # noqa: E402  (re-exported for the tests)
 from ports import free_port  # noqa: E402  (re-exported for the tests)
 
-__all__ = ["axolotl_command", "base_config", "free_port", "run_axolotl", "run_axolotl_on_cpu_nodes",
+__all__ = ["axolotl_command", "base_config", "free_port", "pythonpath_with", "run_axolotl", "run_axolotl_on_cpu_nodes",
            "run_axolotl_on_cpu_ranks", "run_axolotl_train",
            "resume_after_step2", "training_logs"]
 
 # The test-only patch that lets accelerate/axolotl run DeepSpeed and FSDP2 on CPU ranks.
 CPU_DISTRIBUTED_DIR = Path(__file__).with_name("cpu_distributed")
+
+
+def pythonpath_with(folder: Path) -> str:
+    """This process's PYTHONPATH with `folder` first (and only once), for a subprocess that imports from it."""
+    others = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry and entry != str(folder)]
+    return os.pathsep.join([str(folder), *others])
+
+
 ENGINE_ENV = {
     "deepspeed": {"DS_ACCELERATOR": "cpu", "ACCELERATE_USE_DEEPSPEED": "true"},
     "fsdp": {},  # axolotl sets ACCELERATE_USE_FSDP from fsdp_config itself
@@ -104,7 +112,7 @@ def _cpu_ranks(config: dict[str, Any], engine: str, extra_env: dict[str, str] | 
     env = {
         "ACCELERATE_USE_CPU": "true",
         "BALORA_CPU_DISTRIBUTED_PATCH": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(CPU_DISTRIBUTED_DIR), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": pythonpath_with(CPU_DISTRIBUTED_DIR),
         "OMP_NUM_THREADS": "1",
         **ENGINE_ENV[engine],
         **(extra_env or {}),

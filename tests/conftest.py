@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from axolotl_cli import CPU_DISTRIBUTED_DIR, pythonpath_with
 from tiny_assets import arithmetic_records, build_tiny_llama, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,9 +24,7 @@ if _OWN_INIT_CACHE is not None:
 # `packages_distributions()` from this session's folder instead of recomputing it (~4 s of each
 # `axolotl train` process on Python 3.12; tests/cpu_distributed/metadata_cache.py). xdist workers
 # inherit the controller's folder.
-_CPU_DISTRIBUTED_DIR = str(Path(__file__).with_name("cpu_distributed"))
-if _CPU_DISTRIBUTED_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_CPU_DISTRIBUTED_DIR, os.environ.get("PYTHONPATH")]))
+os.environ["PYTHONPATH"] = pythonpath_with(CPU_DISTRIBUTED_DIR)
 _OWN_METADATA_CACHE = None if "BALORA_TEST_METADATA_CACHE" in os.environ else tempfile.mkdtemp(
     prefix="balora-metadata-cache-")
 if _OWN_METADATA_CACHE is not None:

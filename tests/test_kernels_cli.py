@@ -13,13 +13,11 @@ logits the saved adapters must reproduce.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import safetensors.torch
 import torch
 
-from axolotl_cli import CPU_DISTRIBUTED_DIR, base_config, run_axolotl_train, training_logs
+from axolotl_cli import CPU_DISTRIBUTED_DIR, base_config, pythonpath_with, run_axolotl_train, training_logs
 from probe_checks import PROBE, assert_saved_adapters_reproduce_the_run, ok, pretrained_logits
 
 pytestmark = pytest.mark.slow
@@ -50,7 +48,7 @@ def runs(tiny_llama_dir, tiny_dataset, tmp_path_factory):
         plugins = ["axolotl_balora.BALoRAPlugin", PROBE, *([STAND_IN] if name == "asked" else [])]
         config = base_config(tiny_llama_dir, tiny_dataset, workdir, plugins=plugins, balora_init="pissa",
                              gradient_accumulation_steps=1, save_strategy="steps", save_steps=2, **keys)
-        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(CPU_DISTRIBUTED_DIR), os.environ.get("PYTHONPATH")])),
+        env = {"PYTHONPATH": pythonpath_with(CPU_DISTRIBUTED_DIR),
                "BALORA_PROBE_DIR": str(workdir / "probe")}
         text = ok(run_axolotl_train(config, workdir, extra_env=env))
         results[name] = {"workdir": workdir, "text": text, "config": config}

@@ -30,7 +30,7 @@ def test_subprocesses_store_then_read_what_python_computes(tmp_path):
     assert len(stored) == 1, "the start-up hook did not store the mapping"
     assert first == importlib.metadata.packages_distributions()
     # The second process reads the file: make that visible by marking what is stored.
-    json.dump({**first, "marker_from_the_cache": ["cached"]}, stored[0].open("w"))
+    stored[0].write_text(json.dumps({**first, "marker_from_the_cache": ["cached"]}))
     assert _subprocess_mapping(tmp_path)["marker_from_the_cache"] == ["cached"]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 
-from axolotl_cli import CPU_DISTRIBUTED_DIR, base_config, free_port, run_axolotl, run_axolotl_train
+from axolotl_cli import CPU_DISTRIBUTED_DIR, base_config, free_port, pythonpath_with, run_axolotl, run_axolotl_train
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ AXOLOTL_TOLERANCE = 5e-5
 # Python 3.12); test-only, tests/cpu_distributed/sitecustomize.py.
 P2P_CHECK_ON_CPU = {
     "BALORA_CPU_DISTRIBUTED_PATCH": "p2p",
-    "PYTHONPATH": os.pathsep.join(filter(None, [str(CPU_DISTRIBUTED_DIR), os.environ.get("PYTHONPATH")])),
+    "PYTHONPATH": pythonpath_with(CPU_DISTRIBUTED_DIR),
 }
 
 
@@ -35,8 +35,7 @@ def _run(args: list[str], processes: int) -> None:
 
 
 def _run_worker(worker: Path, args: list[str], processes: int) -> None:
-    path = os.pathsep.join(filter(None, [str(worker.parent), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": pythonpath_with(worker.parent), "OMP_NUM_THREADS": "1"}
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                    "--master_port", str(free_port()), str(worker), *args]
