@@ -3,13 +3,17 @@
 This folder is on PYTHONPATH of every test subprocess (tests/conftest.py), so Python imports
 `sitecustomize` at start-up in the CLI and in every torchrun rank. With
 `BALORA_CPU_DISTRIBUTED_PATCH=1` (set for CPU ranks by `tests/axolotl_cli.py`) it rewrites a few
-exact spots of accelerate and axolotl source as those modules are imported, and nothing else:
+exact spots of accelerate, transformers, DeepSpeed and axolotl source as those modules are
+imported, and nothing else:
 
 * accelerate `state.py`: DeepSpeed is selected only when `cpu` is off, yet CPU ranks
   need `cpu=True` to get the gloo backend; and FSDP is selected only for GPU-like
   distributed types. Both selections also accept CPU ranks here.
 * transformers `training_args.py`: bf16 is refused without a bf16 GPU unless
   `use_cpu`, which axolotl never sets.
+* deepspeed `comm/torch.py`: no shared-memory op for the CPU accelerator, which DeepSpeed would
+  compile with ninja at each fresh environment's first run (1-2 min) for inference all-reduce
+  only; training all-reduces through torch.distributed (gloo) with or without it.
 * axolotl: the device mesh and two or three tensors (0.21 / 0.19) are built on a literal "cuda"
   device.
 * axolotl `utils/environment.py`: with more than one rank it asks torch whether two
@@ -74,6 +78,13 @@ PATCHES: dict[str, list[tuple[str, str, int | dict[str, int]]]] = {
             ' and os.environ.get("ACCELERATE_USE_CPU") != "true"',
             1,
         ),
+    ],
+    # DeepSpeed's CPU accelerator JIT-compiles a shared-memory C++ op (ninja, into
+    # ~/.cache/torch_extensions) in every rank's first `deepspeed.comm` set-up: 45-110 s per fresh
+    # environment on the 2-core build machine. Only `inference_all_reduce` uses it; training's
+    # all-reduce is torch.distributed's either way (gloo here, NCCL on GPUs).
+    "deepspeed.comm.torch": [
+        ("        self.shm_comm_op = build_shm_op()\n", "        self.shm_comm_op = None\n", 1),
     ],
     "axolotl.utils.distributed": [
         ('parallelism_config.build_device_mesh("cuda")', 'parallelism_config.build_device_mesh("cpu")', 1),
