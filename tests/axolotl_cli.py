@@ -21,6 +21,8 @@ __all__ = ["axolotl_command", "base_config", "free_port", "pythonpath_with", "ru
            "run_axolotl_on_cpu_ranks", "run_axolotl_train",
            "resume_after_step2", "training_logs"]
 
+# Where the runs of a test session keep their prepared datasets (set by tests/conftest.py).
+PREPARED_DATASETS_ENV = "BALORA_TEST_PREPARED_DATASETS"
 # The test-only patch that lets accelerate/axolotl run DeepSpeed and FSDP2 on CPU ranks.
 CPU_DISTRIBUTED_DIR = Path(__file__).with_name("cpu_distributed")
 
@@ -49,7 +51,10 @@ def base_config(model_dir: Path, dataset: Path, workdir: Path, **overrides: Any)
         "lora_target_linear": True,
         "balora_lambda_schedule": "constant",
         "datasets": [{"path": str(dataset), "type": "alpaca", "ds_type": "json"}],
-        "dataset_prepared_path": str(workdir / "prepared"),
+        # One prepared folder per test session (tests/conftest.py): axolotl keys each prepared
+        # dataset by the dataset, tokenizer and settings and prepares it under a file lock, so
+        # the runs of one tiny model share a tokenization instead of each redoing it.
+        "dataset_prepared_path": os.environ.get(PREPARED_DATASETS_ENV) or str(workdir / "prepared"),
         "val_set_size": 0,
         "sequence_len": 128,
         "sample_packing": False,

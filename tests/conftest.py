@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from axolotl_cli import CPU_DISTRIBUTED_DIR, pythonpath_with
+from axolotl_cli import CPU_DISTRIBUTED_DIR, PREPARED_DATASETS_ENV, pythonpath_with
 from tiny_assets import arithmetic_records, build_tiny_llama, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,9 +30,14 @@ _OWN_METADATA_CACHE = None if "BALORA_TEST_METADATA_CACHE" in os.environ else te
 if _OWN_METADATA_CACHE is not None:
     os.environ["BALORA_TEST_METADATA_CACHE"] = _OWN_METADATA_CACHE
 
+# The prepared datasets of every `axolotl train` run of the session (tests/axolotl_cli.py).
+_OWN_PREPARED = None if PREPARED_DATASETS_ENV in os.environ else tempfile.mkdtemp(prefix="balora-prepared-")
+if _OWN_PREPARED is not None:
+    os.environ[PREPARED_DATASETS_ENV] = _OWN_PREPARED
+
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    for folder in (_OWN_INIT_CACHE, _OWN_METADATA_CACHE):
+    for folder in (_OWN_INIT_CACHE, _OWN_METADATA_CACHE, _OWN_PREPARED):
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
 

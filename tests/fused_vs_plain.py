@@ -35,7 +35,7 @@ CONSISTENCY_ABSOLUTE_TOLERANCE = 2e-7
 def plain_config(fused_config: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """The fused run's config on the plain path, its first 2 steps, checkpoint at step 2."""
     return {**fused_config, "balora_chunk_size": 0, "max_steps": 2, "save_strategy": "steps", "save_steps": 2,
-            "output_dir": str(workdir / "out"), "dataset_prepared_path": str(workdir / "prepared")}
+            "output_dir": str(workdir / "out")}
 
 
 def _first_two_logs(run: dict[str, Any]) -> list[dict[str, float]]:
