@@ -75,7 +75,8 @@ def cli_section(args: argparse.Namespace) -> dict[str, Any]:
     if done.returncode != 0:
         raise RuntimeError(f"overhead_cli.py failed (rc {done.returncode}): {done.stdout[-2000:]}{done.stderr[-4000:]}")
     result = json.loads(out.read_text())
-    return {"attn": attn, "command": " ".join(command[1:]), "summary": result["summary"]}
+    return {"attn": attn, "command": " ".join(command[1:]), "summary": result["summary"],
+            "measurements": result["measurements"]}
 
 
 def _loss_inputs(device: str, dtype: torch.dtype, shape: tuple[int, int, int, int]):
