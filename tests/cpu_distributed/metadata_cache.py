@@ -31,13 +31,14 @@ def installed_key() -> str:
     """A hash of the interpreter and of every distribution's metadata folder on sys.path."""
     entries = [sys.prefix, sys.version]
     for folder in sys.path:
+        directory = folder or "."  # "" on sys.path is the current directory
         try:
-            names = sorted(os.listdir(folder or "."))
+            names = sorted(os.listdir(directory))
         except OSError:
             continue
         for name in names:
             if name.endswith((".dist-info", ".egg-info")):
-                entries.append(f"{folder}/{name}:{os.stat(os.path.join(folder or '.', name)).st_mtime_ns}")
+                entries.append(f"{folder}/{name}:{os.stat(os.path.join(directory, name)).st_mtime_ns}")
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:24]
 
 
