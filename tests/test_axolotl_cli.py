@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.metadata
 import json
 from pathlib import Path
 
@@ -44,49 +43,39 @@ def _assert_trained_balora(result, out_dir: Path, lora_r: int) -> list[dict[str,
     return logs
 
 
+def _reads_plugin_entry_points() -> bool:
+    """axolotl 0.21 registers every installed `axolotl.plugins` entry point; 0.19 and 0.20 do not."""
+    integrations = importlib.import_module("axolotl.integrations.base")
+    return getattr(integrations, "PLUGIN_ENTRY_POINT_GROUP", None) == "axolotl.plugins"
+
+
+def _assert_plugin_name_was_read(result, plugin_name: str) -> None:
+    """The startup hook (axolotl_balora/plugin_names.py) read the name as the plugin's own."""
+    assert f"plugins: {plugin_name!r} read as 'axolotl_balora.BALoRAPlugin'" in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("sample_packing", [False, True], ids=["padded-fp16-default", "packed"])
 def test_axolotl_train_balora(tiny_llama_dir, tiny_dataset, tmp_path, sample_packing):
+    """Padded, on axolotl's own CPU default (fp16), with no `plugins:` where axolotl loads the
+    entry point (0.21: registered under the name users list, so validation sees one class);
+    packed with gradient checkpointing, the plugin listed by its bare package name (axolotl's
+    loader alone splits a name at its last dot and fails)."""
     overrides = {"sample_packing": sample_packing}
     if sample_packing:
-        overrides |= {"pad_to_sequence_len": True, "gradient_checkpointing": True}
+        overrides |= {"pad_to_sequence_len": True, "gradient_checkpointing": True, "plugins": ["axolotl_balora"]}
     else:  # no bf16 / fp16 keys: axolotl's own CPU default, fp16 (step 0 must still be the base model)
         overrides |= {"bf16": None, "fp16": None}
+        if _reads_plugin_entry_points():
+            overrides["plugins"] = None
     config = base_config(tiny_llama_dir, tiny_dataset, tmp_path, **overrides)
     result = run_axolotl_train(config, tmp_path)
     logs = _assert_trained_balora(result, tmp_path / "out", lora_r=4)
     assert len(logs) == config["max_steps"]
     if sample_packing:
         assert "gradient checkpointing enabled" in result.stdout + result.stderr
+        _assert_plugin_name_was_read(result, "axolotl_balora")
     else:
         assert "Converting modules to torch.float16" in result.stdout + result.stderr
-
-
-def test_axolotl_loads_the_plugin_by_its_entry_point_without_plugins(tiny_llama_dir, tiny_dataset, tmp_path):
-    """axolotl 0.21 registers every installed `axolotl.plugins` entry point: no `plugins:` needed.
-
-    (With `plugins:` as well it is registered under both names, which the other tests run: the
-    entry point names it exactly as users list it, so validation sees one class.)
-    """
-    integrations = importlib.import_module("axolotl.integrations.base")
-    if getattr(integrations, "PLUGIN_ENTRY_POINT_GROUP", None) != "axolotl.plugins":
-        pytest.skip(f"axolotl {importlib.metadata.version('axolotl')} does not load `axolotl.plugins` "
-                    "entry points (0.21 does); list the plugin under `plugins:`")
-    config = base_config(tiny_llama_dir, tiny_dataset, tmp_path, plugins=None, max_steps=2)
-    assert "plugins" not in config
-    logs = _assert_trained_balora(run_axolotl_train(config, tmp_path), tmp_path / "out", lora_r=4)
-    assert len(logs) == 2
-
-
-@pytest.mark.parametrize("plugin_name", ["axolotl_balora", "axolotl_balora.plugin.BALoRAPlugin"])
-def test_axolotl_train_with_the_plugin_named_as_users_write_it(tiny_llama_dir, tiny_dataset, tmp_path, plugin_name):
-    """The bare package name (axolotl's loader alone splits it at a dot and fails) and the class's
-    module path (axolotl 0.21 alone would register it beside the entry point: duplicate base class)
-    both train BA-LoRA, through the startup hook in axolotl_balora/plugin_names.py."""
-    config = base_config(tiny_llama_dir, tiny_dataset, tmp_path, plugins=[plugin_name], max_steps=2)
-    result = run_axolotl_train(config, tmp_path)
-    logs = _assert_trained_balora(result, tmp_path / "out", lora_r=4)
-    assert len(logs) == 2
-    assert f"plugins: {plugin_name!r} read as 'axolotl_balora.BALoRAPlugin'" in result.stdout + result.stderr
 
 
 def test_axolotl_refuses_bad_balora_value(tiny_llama_dir, tiny_dataset, tmp_path):
@@ -103,20 +92,24 @@ def _sha256(path: Path) -> str:
 
 
 def test_balora_on_embedded_smollm2_train_merge_reload(tmp_path):
-    """The real pretrained SmolLM2-135M-Instruct: train a few steps, merge-lora, vanilla reload."""
+    """The real pretrained SmolLM2-135M-Instruct: train a few steps, merge-lora, vanilla reload.
+
+    The plugin is listed by its class's module path, which axolotl 0.21 alone would register
+    beside the entry point (duplicate base class)."""
     from prepare_demo import prepare_dataset, prepare_model
 
     model_dir = prepare_model(REPO_ROOT)
     dataset = prepare_dataset(REPO_ROOT)
     base_hash = _sha256(model_dir / "model.safetensors")
     config = base_config(
-        model_dir, dataset, tmp_path,
+        model_dir, dataset, tmp_path, plugins=["axolotl_balora.plugin.BALoRAPlugin"],
         lora_target_linear=None, lora_target_modules=["q_proj", "v_proj"],
         max_steps=3, gradient_accumulation_steps=1, micro_batch_size=2, learning_rate=0.002,
     )
     result = run_axolotl_train(config, tmp_path)
     logs = _assert_trained_balora(result, tmp_path / "out", lora_r=4)
     assert len(logs) == 3
+    _assert_plugin_name_was_read(result, "axolotl_balora.plugin.BALoRAPlugin")
     assert _sha256(model_dir / "model.safetensors") == base_hash  # the base on disk is never written
 
     merge = run_axolotl("merge-lora", config, tmp_path)
