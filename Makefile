@@ -62,8 +62,9 @@ export TRL_EXPERIMENTAL_SILENCE := 1
 # DeepSpeed (dev extra, for the ZeRO tests on CPU ranks) installs from its sdist; with
 # its C++/CUDA ops left to JIT (never built here) that is pure Python, about a minute.
 export DS_BUILD_OPS := 0
-# Test runs, measured 2026-12-06 (docs/development.md): the fast tests in one process (pytest-xdist
-# workers there fight over the cores torch already uses, 67 s -> 180 s); the slow tests, each mostly
+# Test runs, measured 2026-12-06/07 (docs/development.md): the fast tests in one process (pytest-xdist
+# workers there fight over the cores torch already uses, 67 s -> 180 s), though `make test` runs the
+# 0.21 and 0.19 fast suites side by side with one thread each (FAST_THREADS); the slow tests, each mostly
 # single-threaded upstream import and start-up per `axolotl train` process (~12 s, ~4 s less with
 # the tests' packages_distributions cache, tests/cpu_distributed/metadata_cache.py), on
 # $(TEST_WORKERS) workers, one test file per worker so that a file's shared runs happen once
@@ -72,7 +73,7 @@ TEST_WORKERS ?= 2
 FAST_TESTS = -m pytest -ra --durations=10 -m "not slow"
 SLOW_TESTS = -m pytest -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile -m slow
 
-.PHONY: demo test test-0.21 test-0.19 fast-0.21 slow-0.21 fast-0.19 slow-0.19 serving ci-envs quality setup constraints constraints-0.21 python-check
+.PHONY: demo demo-model test test-0.21 test-0.19 fast-0.21 slow-0.21 fast-0.19 slow-0.19 serving ci-envs quality setup constraints constraints-0.21 python-check
 
 NO_PYTHON := no usable Python found: need Python 3.11 (axolotl 0.19 pins, ci/constraints.txt) or \
 	3.12 / 3.13 (axolotl 0.21 pins, ci/constraints-0.21.txt), as python3.11 / python3.12 / python3.13 on \
@@ -195,10 +196,15 @@ $(SERVING_VENV)/.installed: ci/constraints-serving.txt
 	touch $@
 
 # Every environment CI uses, installed side by side (.ci/run, before `make test` and `make serving`):
-# their downloads, unpacking and bytecode compilation overlap.
+# their downloads, unpacking and bytecode compilation overlap; the SmolLM2 model is converted as
+# soon as the first training environment is there, while the others still install.
 ci-envs: python-check
-	$(MAKE) --no-print-directory -j3 --output-sync=target $(TEST_VENVS) $(SERVING_VENV)/.installed \
+	$(MAKE) --no-print-directory -j4 --output-sync=target $(TEST_VENVS) $(SERVING_VENV)/.installed demo-model \
 		PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
+
+# The SmolLM2-135M-Instruct model the demo, the tests and the vLLM check read (converted once).
+demo-model: $(INSTALLED)
+	$(PY) ci/prepare_demo.py
 
 serving: python-check $(INSTALLED) $(SERVING_VENV)/.installed
 	$(PY) ci/prepare_demo.py
