@@ -178,7 +178,7 @@ fast-0.19: .venv/.installed
 slow-0.19: .venv/.installed
 	$(call suite,.venv,$(PYTHON),axolotl 0.19: one `axolotl train` run per engine,$(SLOW_TESTS) $(TESTS_0.19_SLOW))
 
-# `make serving` (CI runs it after `make test`): serve a BA-LoRA adapter with the real vLLM CPU
+# `make serving` (CI runs it beside `make test`, .ci/run): serve a BA-LoRA adapter with the real vLLM CPU
 # build and compare it with PEFT + transformers (ci/serving_check.py: offline LLM with a LoRARequest,
 # `vllm serve` with one /v1/completions request, the merged model without LoRA). vLLM pins its own
 # torch / transformers, so it has its own venv, .venv-serving (Python 3.11: the torch 2.13.0+cpu
