@@ -144,9 +144,8 @@ else
 endif
 else
 	@echo "[test] no Python 3.12 or 3.13 found (python3.12 / python3.13 on PATH or in pyenv): the whole suite runs on axolotl 0.19 instead of 0.21"
-	$(PY) ci/prepare_demo.py
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) $(FAST_TESTS)
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) $(SLOW_TESTS)
+	$(call suite,$(VENV),$(PYTHON),axolotl 0.19: the fast tests,$(FAST_TESTS))
+	$(call suite,$(VENV),$(PYTHON),axolotl 0.19: the slow tests,$(SLOW_TESTS))
 endif
 
 # The whole suite on axolotl 0.21: fast-0.21, then slow-0.21.

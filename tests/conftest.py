@@ -15,29 +15,31 @@ from tiny_assets import arithmetic_records, build_tiny_llama, write_jsonl
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def _session_folder(variable: str, prefix: str) -> str | None:
+    """A temporary folder named by `variable` for this session and its subprocesses, unless the
+    caller set one (xdist workers inherit the controller's); the folder made here, else None."""
+    if variable in os.environ:
+        return None
+    os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+    return os.environ[variable]
+
+
 # The plugin caches PiSSA factors by default; tests (and their subprocesses) never touch ~/.cache.
-# A folder made here is removed when the session ends (pytest_sessionfinish).
-_OWN_INIT_CACHE = None if "BALORA_INIT_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="balora-init-cache-")
-if _OWN_INIT_CACHE is not None:
-    os.environ["BALORA_INIT_CACHE_DIR"] = _OWN_INIT_CACHE
+# Folders made here are removed when the session ends (pytest_sessionfinish).
+_OWN_FOLDERS = [_session_folder("BALORA_INIT_CACHE_DIR", "balora-init-cache-")]
 # Every test subprocess starts with tests/cpu_distributed on PYTHONPATH: its sitecustomize reads
 # `packages_distributions()` from this session's folder instead of recomputing it (~4 s of each
-# `axolotl train` process on Python 3.12; tests/cpu_distributed/metadata_cache.py). xdist workers
-# inherit the controller's folder.
+# `axolotl train` process on Python 3.12; tests/cpu_distributed/metadata_cache.py).
 os.environ["PYTHONPATH"] = pythonpath_with(CPU_DISTRIBUTED_DIR)
-_OWN_METADATA_CACHE = None if "BALORA_TEST_METADATA_CACHE" in os.environ else tempfile.mkdtemp(
-    prefix="balora-metadata-cache-")
-if _OWN_METADATA_CACHE is not None:
-    os.environ["BALORA_TEST_METADATA_CACHE"] = _OWN_METADATA_CACHE
-
+_OWN_FOLDERS.append(_session_folder("BALORA_TEST_METADATA_CACHE", "balora-metadata-cache-"))
 # The prepared datasets of every `axolotl train` run of the session (tests/axolotl_cli.py).
-_OWN_PREPARED = None if PREPARED_DATASETS_ENV in os.environ else tempfile.mkdtemp(prefix="balora-prepared-")
-if _OWN_PREPARED is not None:
-    os.environ[PREPARED_DATASETS_ENV] = _OWN_PREPARED
+_OWN_FOLDERS.append(_session_folder(PREPARED_DATASETS_ENV, "balora-prepared-"))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    for folder in (_OWN_INIT_CACHE, _OWN_METADATA_CACHE, _OWN_PREPARED):
+    for folder in _OWN_FOLDERS:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
 

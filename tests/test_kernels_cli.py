@@ -17,7 +17,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from axolotl_cli import CPU_DISTRIBUTED_DIR, base_config, pythonpath_with, run_axolotl_train, training_logs
+from axolotl_cli import base_config, run_axolotl_train, training_logs
 from probe_checks import PROBE, assert_saved_adapters_reproduce_the_run, ok, pretrained_logits
 
 pytestmark = pytest.mark.slow
@@ -48,8 +48,7 @@ def runs(tiny_llama_dir, tiny_dataset, tmp_path_factory):
         plugins = ["axolotl_balora.BALoRAPlugin", PROBE, *([STAND_IN] if name == "asked" else [])]
         config = base_config(tiny_llama_dir, tiny_dataset, workdir, plugins=plugins, balora_init="pissa",
                              gradient_accumulation_steps=1, save_strategy="steps", save_steps=2, **keys)
-        env = {"PYTHONPATH": pythonpath_with(CPU_DISTRIBUTED_DIR),
-               "BALORA_PROBE_DIR": str(workdir / "probe")}
+        env = {"BALORA_PROBE_DIR": str(workdir / "probe")}  # tests/conftest.py put cpu_distributed on PYTHONPATH
         text = ok(run_axolotl_train(config, workdir, extra_env=env))
         results[name] = {"workdir": workdir, "text": text, "config": config}
     return results
