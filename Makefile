@@ -73,7 +73,7 @@ TEST_WORKERS ?= 2
 FAST_TESTS = -m pytest -ra --durations=10 -m "not slow"
 SLOW_TESTS = -m pytest -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile -m slow
 
-.PHONY: demo demo-model test test-0.21 test-0.19 fast-0.21 slow-0.21 fast-0.19 slow-0.19 serving ci-envs quality setup constraints constraints-0.21 python-check
+.PHONY: demo demo-model test test-0.21 test-0.19 fast-0.21 slow-0.21 fast-0.19 slow-0.19 serving quality setup constraints constraints-0.21 python-check
 
 NO_PYTHON := no usable Python found: need Python 3.11 (axolotl 0.19 pins, ci/constraints.txt) or \
 	3.12 / 3.13 (axolotl 0.21 pins, ci/constraints-0.21.txt), as python3.11 / python3.12 / python3.13 on \
@@ -123,29 +123,55 @@ demo: python-check $(INSTALLED)
 		'axolotl train example_configs/quickstart.yml --launcher python 2>&1 | tee outputs/quickstart/train.log'
 	$(PY) ci/demo_summary.py outputs/quickstart
 
-# The whole suite on axolotl 0.21 (Python 3.12+), then the 0.19 selection on axolotl 0.19 (Python 3.11).
+# The whole suite on axolotl 0.21 (Python 3.12+) and the 0.19 selection on axolotl 0.19 (Python 3.11).
 # Without Python 3.12 / 3.13 the whole suite runs on 0.19 instead; without 3.11 the 0.19 selection
-# is skipped; each says so. Both environments install side by side first (their downloads,
-# unpacking and bytecode compilation overlap), each one's log printed whole when it is done.
+# is skipped; each says so. With both, `make test` is one make graph (TEST_GRAPH below) whose parts
+# start as soon as what they need is there; WITH_SERVING=1 (CI, .ci/run) adds `make serving` to it.
 TEST_VENVS := $(sort $(INSTALLED) $(if $(PYTHON_0.21),$(INSTALLED_0.21)))
+# Job slots of that graph: each part is one pytest (or serving) run; the slow parts use both cores.
+TEST_JOBS ?= $(if $(WITH_SERVING),3,2)
 test: python-check
-	@echo "[setup] $(words $(TEST_VENVS)) environment(s) install side by side: $(dir $(TEST_VENVS)) (each log is printed when that install ends)"
-	$(MAKE) --no-print-directory -j2 --output-sync=target $(TEST_VENVS) PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
 ifneq ($(PYTHON_0.21),)
 ifeq ($(VENV),.venv)
-	$(PY_0.21) ci/prepare_demo.py
-	@echo "[test] the fast tests of axolotl 0.21 and 0.19 side by side, one thread each (each log is printed when it ends)"
-	$(MAKE) --no-print-directory -j2 --output-sync=target fast-0.21 fast-0.19 FAST_THREADS=1 PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
-	$(MAKE) --no-print-directory slow-0.21 PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
-	$(MAKE) --no-print-directory slow-0.19 PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
+	$(call disk_check,$(TEST_VENVS) $(if $(WITH_SERVING),$(SERVING_VENV)/.installed))
+	@echo "[test] one graph on $(TEST_JOBS) job slots: .venv and .venv-0.21 install side by side; the 0.19 parts run while .venv-0.21 still downloads; the 0.21 slow tests run last$(if $(WITH_SERVING), (make serving too)). Each part's log is printed whole when it ends."
+	$(MAKE) --no-print-directory -k -j$(TEST_JOBS) --output-sync=target test-graph TEST_GRAPH=1 FAST_THREADS=1 \
+		PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
 else
 	$(MAKE) --no-print-directory test-0.21 PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
 	@echo "[test] axolotl 0.19 selection SKIPPED: no Python 3.11 found (name one: make test PYTHON=/path/to/python3.11)"
 endif
 else
 	@echo "[test] no Python 3.12 or 3.13 found (python3.12 / python3.13 on PATH or in pyenv): the whole suite runs on axolotl 0.19 instead of 0.21"
+	$(MAKE) --no-print-directory $(INSTALLED)
 	$(call suite,$(VENV),$(PYTHON),axolotl 0.19: the fast tests,$(FAST_TESTS))
 	$(call suite,$(VENV),$(PYTHON),axolotl 0.19: the slow tests,$(SLOW_TESTS))
+endif
+
+# $(call disk_check,STAMPS): stop at once, with the figures, when the environments whose STAMPS are
+# missing will not fit on this disk. GB each, pip's downloads included (installed sizes on 2026-12-07:
+# .venv 4.6, .venv-0.21 7.9, .venv-serving 3.5): a disk that fills half-way through pip costs
+# minutes and ends in `[Errno 28] No space left on device`.
+DISK_GB := .venv/.installed:6 $(VENV_0.21)/.installed:12 .venv-serving/.installed:5
+define disk_check
+	@need=0; for entry in $(filter $(addsuffix :%,$(1)),$(DISK_GB)); do stamp=$${entry%:*}; \
+		test -f $$stamp || need=$$((need + $${entry##*:})); done; \
+	free=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	test "$$free" -ge "$$need" || { echo "[setup] $$free GB free here, and the environments still to \
+	install need about $$need GB ($(DISK_GB), pip's downloads included): free some space, or clone onto a \
+	bigger disk" >&2; exit 1; }
+endef
+
+# `make test`'s graph. The CUDA torch of .venv-0.21 is ~4 GB of downloads (network-bound, ~5 min),
+# .venv is ready sooner: the model conversion, the 0.19 fast tests and the 0.19 runs per engine fill
+# that wait. The 0.21 fast tests follow their environment; the 0.21 slow tests (both cores for ~20 min)
+# start when the fast tests of both versions have passed, so they never share the cores with them.
+# -k: a failed part does not stop the parts that do not need it.
+ifdef TEST_GRAPH
+test-graph: slow-0.21 slow-0.19 $(if $(WITH_SERVING),serving)
+fast-0.19 fast-0.21 serving: | demo-model
+slow-0.19: | fast-0.19
+slow-0.21: | fast-0.21 fast-0.19
 endif
 
 # The whole suite on axolotl 0.21: fast-0.21, then slow-0.21.
@@ -159,7 +185,7 @@ define suite
 	PATH=$(abspath $(1))/bin:$$PATH $(5) $(1)/bin/python $(4)
 endef
 
-# FAST_THREADS=1 (`make test` sets it when both fast suites run at once): torch's threads per suite.
+# FAST_THREADS=1 (`make test`'s graph sets it: its parts share the two cores): torch's threads per fast suite.
 FAST_ENV = $(if $(FAST_THREADS),OMP_NUM_THREADS=$(FAST_THREADS))
 
 fast-0.21: $(INSTALLED_0.21)
@@ -177,7 +203,7 @@ fast-0.19: .venv/.installed
 slow-0.19: .venv/.installed
 	$(call suite,.venv,$(PYTHON),axolotl 0.19: one `axolotl train` run per engine,$(SLOW_TESTS) $(TESTS_0.19_SLOW))
 
-# `make serving` (CI runs it beside `make test`, .ci/run): serve a BA-LoRA adapter with the real vLLM CPU
+# `make serving` (CI runs it inside `make test WITH_SERVING=1`, .ci/run): serve a BA-LoRA adapter with the real vLLM CPU
 # build and compare it with PEFT + transformers (ci/serving_check.py: offline LLM with a LoRARequest,
 # `vllm serve` with one /v1/completions request, the merged model without LoRA). vLLM pins its own
 # torch / transformers, so it has its own venv, .venv-serving (Python 3.11: the torch 2.13.0+cpu
@@ -193,13 +219,6 @@ $(SERVING_VENV)/.installed: ci/constraints-serving.txt
 	$(call new_venv,$(SERVING_VENV),$(SERVING_PYTHON),make serving needs Python 3.11 (python3.11 on PATH or in pyenv))
 	$(SERVING_VENV)/bin/python -m pip install --progress-bar off --no-deps -r ci/constraints-serving.txt
 	touch $@
-
-# Every environment CI uses, installed side by side (.ci/run, before `make test` and `make serving`):
-# their downloads, unpacking and bytecode compilation overlap; the SmolLM2 model is converted as
-# soon as the first training environment is there, while the others still install.
-ci-envs: python-check
-	$(MAKE) --no-print-directory -j4 --output-sync=target $(TEST_VENVS) $(SERVING_VENV)/.installed demo-model \
-		PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
 
 # The SmolLM2-135M-Instruct model the demo, the tests and the vLLM check read (converted once).
 demo-model: $(INSTALLED)
