@@ -1,12 +1,12 @@
 # The README's two commands: `make demo` (train BA-LoRA on the embedded SmolLM2)
-# and `make test` (the test suite; CI runs exactly this).
+# and `make test` (the test suite; CI runs it as `make test WITH_SERVING=1`, with the vLLM check).
 #
 # Two pinned environments, one per end of the supported axolotl range:
 #   Python 3.11         -> .venv       axolotl 0.19.0, ci/constraints.txt (torch CPU)
 #   Python 3.12 or 3.13 -> .venv-0.21  axolotl 0.21.0, ci/constraints-0.21.txt (CUDA torch:
 #                                      axolotl 0.21 needs Python >= 3.12, torch >= 2.13)
 # `make demo` uses the first of them found on the machine; `make test` runs the whole suite
-# on axolotl 0.21 in .venv-0.21 (what `pip install axolotl` gives users), then the axolotl 0.19
+# on axolotl 0.21 in .venv-0.21 (what `pip install axolotl` gives users) and the axolotl 0.19
 # selection (fast tests + TESTS_0.19_SLOW, one `axolotl train` run per engine) in .venv.
 # `make demo PYTHON=...` / `make test PYTHON=...` use that interpreter (its version picks the pins).
 
