@@ -134,9 +134,9 @@ TEST_VENVS := $(sort $(INSTALLED) $(if $(PYTHON_0.21),$(INSTALLED_0.21)))
 # Job slots of that graph: each part is one pytest (or serving) run; the slow parts use both cores.
 TEST_JOBS ?= $(if $(WITH_SERVING),3,2)
 test: python-check
+	$(call disk_check,$(TEST_VENVS) $(if $(WITH_SERVING),$(SERVING_VENV)/.installed))
 ifneq ($(PYTHON_0.21),)
 ifeq ($(VENV),.venv)
-	$(call disk_check,$(TEST_VENVS) $(if $(WITH_SERVING),$(SERVING_VENV)/.installed))
 	@echo "[test] one graph on $(TEST_JOBS) job slots: .venv and .venv-0.21 install side by side; the 0.19 parts run while .venv-0.21 still downloads; the 0.21 slow tests run last$(if $(WITH_SERVING), (make serving too)). Each part's log is printed whole when it ends."
 	$(MAKE) --no-print-directory -k -j$(TEST_JOBS) --output-sync=target test-graph TEST_GRAPH=1 FAST_THREADS=1 \
 		PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
