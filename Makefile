@@ -137,7 +137,7 @@ test: python-check
 	$(call disk_check,$(TEST_VENVS) $(if $(WITH_SERVING),$(SERVING_VENV)/.installed))
 ifneq ($(PYTHON_0.21),)
 ifeq ($(VENV),.venv)
-	@echo "[test] one graph on $(TEST_JOBS) job slots: .venv and .venv-0.21 install side by side; the 0.19 parts run while .venv-0.21 still downloads; the 0.21 slow tests run last$(if $(WITH_SERVING), (make serving too)). Each part's log is printed whole when it ends."
+	@echo "[test] one graph on $(TEST_JOBS) job slots: .venv and .venv-0.21 install side by side; the 0.19 parts start once .venv is there; the 0.21 slow tests run last$(if $(WITH_SERVING), (make serving too)). Each part's log is printed whole when it ends."
 	$(MAKE) --no-print-directory -k -j$(TEST_JOBS) --output-sync=target test-graph TEST_GRAPH=1 FAST_THREADS=1 \
 		PYTHON="$(PYTHON)" PYTHON_0.21="$(PYTHON_0.21)"
 else
@@ -165,10 +165,11 @@ define disk_check
 	bigger disk" >&2; exit 1; }
 endef
 
-# `make test`'s graph. The CUDA torch of .venv-0.21 is ~4 GB of downloads (network-bound, ~5 min),
-# .venv is ready sooner: the model conversion, the 0.19 fast tests and the 0.19 runs per engine fill
-# that wait. The 0.21 fast tests follow their environment; the 0.21 slow tests (both cores for ~20 min)
-# start when the fast tests of both versions have passed, so they never share the cores with them.
+# `make test`'s graph. .venv is ready before .venv-0.21 (CUDA torch): the model conversion, the 0.19
+# fast tests and the 0.19 runs per engine start then. The 0.21 fast tests follow their environment;
+# the 0.21 slow tests (both cores for ~20 min) start when the fast tests of both versions have passed.
+# Both cores are busy from the first install to the last test (vmstat, docs/compatibility.md), so the
+# graph orders the work; it does not shorten it.
 # -k: a failed part does not stop the parts that do not need it.
 ifdef TEST_GRAPH
 test-graph: slow-0.21 slow-0.19 $(if $(WITH_SERVING),serving)
