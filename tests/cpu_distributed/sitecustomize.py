@@ -22,8 +22,9 @@ imported, and nothing else:
   3.12 with axolotl 0.21) raises RuntimeError ("Found no NVIDIA driver"). Caught too.
   `BALORA_CPU_DISTRIBUTED_PATCH=p2p` applies this one alone (plain DDP on CPU ranks).
 
-At start-up it also installs the session's `packages_distributions` cache
-(`metadata_cache.py`, a speed-up only: every test subprocess has this folder on PYTHONPATH).
+At start-up it also installs two speed-ups of every test subprocess (each has this folder on
+PYTHONPATH): the session's `packages_distributions` cache (`metadata_cache.py`) and, in the
+`axolotl` commands the tests run, a `gc.freeze()` after each full collection (`gc_freeze.py`).
 
 A spot that is not found exactly once raises, so a changed upstream version fails
 the tests loudly instead of silently running without the patch. Never part of the
@@ -138,8 +139,10 @@ class _PatchingFinder(importlib.abc.MetaPathFinder):
 
 
 if __name__ == "sitecustomize":  # at start-up only, not when a test imports this module
+    import gc_freeze
     import metadata_cache
 
+    gc_freeze.install()
     metadata_cache.install()
 
 _MODE = os.environ.get("BALORA_CPU_DISTRIBUTED_PATCH")
