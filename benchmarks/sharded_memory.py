@@ -146,10 +146,7 @@ def run_row(engine: str, path: str, model: Path, data: Path, args: argparse.Name
         if str(BENCHMARKS) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
             os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCHMARKS), os.environ.get("PYTHONPATH")]))
         started = time.perf_counter()
-        # Without the tests' gc speed-up: frozen objects that later become cyclic garbage stay
-        # until exit, which would blur the peak RSS measured here.
-        done = run_axolotl_on_cpu_ranks(config, workdir, engine_env, ranks=RANKS, timeout=1800,
-                                        extra_env={"BALORA_TEST_GC_FREEZE": "0"})
+        done = run_axolotl_on_cpu_ranks(config, workdir, engine_env, ranks=RANKS, timeout=1800)
         wall = time.perf_counter() - started
         text = done.stdout + done.stderr
         if done.returncode != 0:

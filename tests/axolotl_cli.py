@@ -180,9 +180,6 @@ def axolotl_command(command: str, config: dict[str, Any], workdir: Path, extra_a
         # cached by one test never feed another, so checks that compare a run's factors bit for
         # bit with a one-thread recomputation see factors the run computed itself.
         "BALORA_INIT_CACHE_DIR": str(workdir / "init-cache"),
-        # Skip the long-lived imports in full garbage collections: ~5 s of each process
-        # (tests/cpu_distributed/gc_freeze.py).
-        "BALORA_TEST_GC_FREEZE": "1",
         **(extra_env or {}),
     }
     return [str(Path(bin_dir) / "axolotl"), command, str(config_path), *extra_args], env

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from axolotl_cli import CPU_DISTRIBUTED_DIR, PREPARED_DATASETS_ENV, pythonpath_with
+from cpu_distributed import gc_freeze
 from tiny_assets import arithmetic_records, build_tiny_llama, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +35,10 @@ _OWN_FOLDERS = [_session_folder("BALORA_INIT_CACHE_DIR", "balora-init-cache-")]
 # `axolotl train` process on Python 3.12; tests/cpu_distributed/metadata_cache.py).
 os.environ["PYTHONPATH"] = pythonpath_with(CPU_DISTRIBUTED_DIR)
 _OWN_FOLDERS.append(_session_folder("BALORA_TEST_METADATA_CACHE", "balora-metadata-cache-"))
+# Full garbage collections skip what survived the last one, here and in every test subprocess
+# (tests/cpu_distributed/gc_freeze.py); BALORA_TEST_GC_FREEZE=0 turns it off to compare.
+os.environ.setdefault(gc_freeze.ENV_VAR, "1")
+gc_freeze.install()
 # The prepared datasets of every `axolotl train` run of the session (tests/axolotl_cli.py).
 _OWN_FOLDERS.append(_session_folder(PREPARED_DATASETS_ENV, "balora-prepared-"))
 

@@ -1,4 +1,4 @@
-"""The test subprocesses' gc speed-up (tests/cpu_distributed/gc_freeze.py) freezes only when asked,
+"""The test processes' gc speed-up (tests/cpu_distributed/gc_freeze.py) freezes only when asked,
 and garbage made after a freeze is still collected."""
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ def test_garbage_made_after_a_freeze_is_still_collected():
     assert _probe("1")["cycle_collected"] is True
 
 
-def test_the_axolotl_commands_of_the_tests_ask_for_it(tmp_path):
+def test_the_test_session_and_its_subprocesses_ask_for_it(tmp_path):
+    # tests/conftest.py sets the variable unless the developer did (0: off, to compare).
+    asked = os.environ[gc_freeze.ENV_VAR]
+    assert gc_freeze.installed() == (asked == "1")
     _, env = axolotl_command("train", {"base_model": "unused"}, tmp_path)
-    assert env[gc_freeze.ENV_VAR] == "1"
+    assert env[gc_freeze.ENV_VAR] == asked
     assert str(CPU_DISTRIBUTED_DIR) in env["PYTHONPATH"].split(os.pathsep)

@@ -23,8 +23,8 @@ imported, and nothing else:
   `BALORA_CPU_DISTRIBUTED_PATCH=p2p` applies this one alone (plain DDP on CPU ranks).
 
 At start-up it also installs two speed-ups of every test subprocess (each has this folder on
-PYTHONPATH): the session's `packages_distributions` cache (`metadata_cache.py`) and, in the
-`axolotl` commands the tests run, a `gc.freeze()` after each full collection (`gc_freeze.py`).
+PYTHONPATH): the session's `packages_distributions` cache (`metadata_cache.py`) and a `gc.freeze()`
+after each full garbage collection (`gc_freeze.py`).
 
 A spot that is not found exactly once raises, so a changed upstream version fails
 the tests loudly instead of silently running without the patch. Never part of the
