@@ -70,8 +70,8 @@ export DS_BUILD_OPS := 0
 # Test runs, measured 2026-12-06/07 (docs/development.md): the fast tests in one process (pytest-xdist
 # workers there fight over the cores torch already uses, 67 s -> 180 s), though `make test` runs the
 # 0.21 and 0.19 fast suites side by side with one thread each (FAST_THREADS); the slow tests, each mostly
-# single-threaded upstream import and start-up per `axolotl train` process (~12 s, ~4 s less with
-# the tests' packages_distributions cache, tests/cpu_distributed/metadata_cache.py), on
+# single-threaded upstream import and start-up per `axolotl train` process (~10 s with the tests'
+# packages_distributions cache and gc freeze, tests/cpu_distributed/), on
 # $(TEST_WORKERS) workers, one test file per worker so that a file's shared runs happen once
 # (28 -> 13 min with the shared runs).
 TEST_WORKERS ?= 2
@@ -155,14 +155,15 @@ endif
 # missing will not fit on this disk. GB each, pip's downloads included (installed sizes on 2026-12-07:
 # .venv 4.6, .venv-0.21 7.9, .venv-serving 3.5): a disk that fills half-way through pip costs
 # minutes and ends in `[Errno 28] No space left on device`.
-DISK_GB := .venv/.installed:6 $(VENV_0.21)/.installed:12 .venv-serving/.installed:5
+# (`=`, not `:=`: SERVING_VENV is set further down.)
+DISK_GB = .venv/.installed:6 $(VENV_0.21)/.installed:12 $(SERVING_VENV)/.installed:5
 define disk_check
-	@need=0; for entry in $(filter $(addsuffix :%,$(1)),$(DISK_GB)); do stamp=$${entry%:*}; \
-		test -f $$stamp || need=$$((need + $${entry##*:})); done; \
-	free=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	@need=0; missing=; for entry in $(filter $(addsuffix :%,$(1)),$(DISK_GB)); do stamp=$${entry%:*}; \
+		test -f $$stamp || { need=$$((need + $${entry##*:})); missing="$$missing $${stamp%/.installed} $${entry##*:} GB,"; }; \
+	done; free=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); \
 	test "$$free" -ge "$$need" || { echo "[setup] $$free GB free here, and the environments still to \
-	install need about $$need GB ($(DISK_GB), pip's downloads included): free some space, or clone onto a \
-	bigger disk" >&2; exit 1; }
+	install need about $$need GB ($${missing# } pip's downloads included): free some space, or clone onto \
+	a bigger disk" >&2; exit 1; }
 endef
 
 # `make test`'s graph. .venv is ready before .venv-0.21 (CUDA torch): the model conversion, the 0.19
