@@ -38,6 +38,7 @@ the wall time of each phase and the versions used.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
@@ -387,6 +388,12 @@ def main() -> int:
     adapter = str(Path(args.adapter).resolve())
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    # vLLM and its children leave files in the temporary folder after exit (ZeroMQ IPC sockets,
+    # `vllm_dist_*` init files): they get a short folder of their own (socket paths are limited
+    # to 107 bytes), removed when this check ends.
+    own_temporary = tempfile.mkdtemp(prefix="balora-vllm-")
+    atexit.register(shutil.rmtree, own_temporary, ignore_errors=True)
+    os.environ["TMPDIR"] = tempfile.tempdir = own_temporary
     output = Path(args.output) if args.output else workdir / "serving_check.json"
     for folder, needed in ((base, "config.json"), (adapter, "adapter_config.json")):
         if not (Path(folder) / needed).is_file():
