@@ -1,7 +1,7 @@
 """Start-up of one test subprocess (what each `axolotl train` process and rank imports) with the
 tests' two start-up speed-ups (tests/cpu_distributed): none, the session's `packages_distributions`
 cache (metadata_cache.py), and that cache plus a `gc.freeze()` after each full collection
-(gc_freeze.py, which the tests ask for in every `axolotl` command).
+(gc_freeze.py, on in every test process).
 
 Each repetition starts one fresh process per variant, `python -c "import axolotl.train"`, in a
 rotating order (the cache folder is filled by a first, untimed process). Run it with the
@@ -56,7 +56,8 @@ def main() -> None:
     args = parser.parse_args()
     rows: dict[str, list[float]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as cache_dir:
-        seconds(environment("metadata cache", cache_dir))  # fills the cache and compiles the bytecode, as the session's first process does
+        # Fills the cache and compiles the bytecode, as the session's first process does.
+        seconds(environment("metadata cache", cache_dir))
         for rep in range(args.reps):
             order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[:rep % len(VARIANTS)]
             for name in order:

@@ -9,10 +9,11 @@ model loader and of accelerate's `clear_device_cache`. Profiled on 2026-12-07 (t
 With `BALORA_TEST_GC_FREEZE=1` (tests/conftest.py sets it for the test session, so the pytest
 process and every subprocess get it) a gc callback calls `gc.freeze()` after each full
 collection: the survivors go to the permanent generation, which later collections skip. Same
-`axolotl train` run: 19 s -> 14 s wall, peak RSS unchanged (1.26 GB), and a faster interpreter
-exit; the 0.21 fast suite in one process: 165 / 147 s -> 118 / 126 s (two runs each, same
-machine), max RSS 1.76-1.88 GB either way (`benchmarks/subprocess_startup.py` measures the import
-alone). What becomes cyclic garbage after being frozen stays until exit; garbage made after a
+`axolotl train` run (a one-off profile, not a benchmark): 19 s -> 14 s wall, peak RSS unchanged
+(1.26 GB), and a faster interpreter exit; the 0.21 fast suite in one process,
+`BALORA_TEST_GC_FREEZE=0` / `1` alternated, `python -m pytest -m "not slow"`: 165 / 147 s ->
+118 / 126 s, max RSS 1.76-1.88 GB either way; `benchmarks/subprocess_startup.py` measures the
+import alone. What becomes cyclic garbage after being frozen stays until exit; garbage made after a
 freeze is collected as usual (`tests/test_gc_freeze.py`). Never part of the package.
 """
 
