@@ -19,10 +19,12 @@ from ports import free_port  # noqa: E402  (re-exported for the tests)
 
 __all__ = ["axolotl_command", "base_config", "free_port", "pythonpath_with", "run_axolotl", "run_axolotl_on_cpu_nodes",
            "run_axolotl_on_cpu_ranks", "run_axolotl_train",
-           "resume_after_step2", "training_logs"]
+           "resume_after_step2", "subprocess_tmpdir", "training_logs"]
 
 # Where the runs of a test session keep their prepared datasets (set by tests/conftest.py).
 PREPARED_DATASETS_ENV = "BALORA_TEST_PREPARED_DATASETS"
+# The session's temporary folder for test subprocesses (set by tests/conftest.py).
+SUBPROCESS_TMPDIR_ENV = "BALORA_TEST_SUBPROCESS_TMPDIR"
 # The test-only patch that lets accelerate/axolotl run DeepSpeed and FSDP2 on CPU ranks.
 CPU_DISTRIBUTED_DIR = Path(__file__).with_name("cpu_distributed")
 
@@ -31,6 +33,15 @@ def pythonpath_with(folder: Path) -> str:
     """This process's PYTHONPATH with `folder` first (and only once), for a subprocess that imports from it."""
     others = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry and entry != str(folder)]
     return os.pathsep.join([str(folder), *others])
+
+
+def subprocess_tmpdir() -> dict[str, str]:
+    """TMPDIR of a test subprocess: the session's folder (tests/conftest.py) when there is one, so
+    what torchrun and its ranks leave in it (empty `torchelastic_*` folders, `pymp-*`) goes when
+    the session ends instead of piling up in /tmp. It is short on purpose: multiprocessing listens
+    on Unix sockets there, whose paths may not exceed 107 characters."""
+    folder = os.environ.get(SUBPROCESS_TMPDIR_ENV)
+    return {"TMPDIR": folder} if folder else {}
 
 
 ENGINE_ENV = {
@@ -176,6 +187,7 @@ def axolotl_command(command: str, config: dict[str, Any], workdir: Path, extra_a
         "WANDB_MODE": "disabled",
         "HF_HUB_OFFLINE": "1",
         "TRL_EXPERIMENTAL_SILENCE": "1",
+        **subprocess_tmpdir(),
         # The PiSSA factor cache (`balora_init_cache: auto`) lives in the run's folder: factors
         # cached by one test never feed another, so checks that compare a run's factors bit for
         # bit with a one-thread recomputation see factors the run computed itself.

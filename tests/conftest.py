@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from axolotl_cli import CPU_DISTRIBUTED_DIR, PREPARED_DATASETS_ENV, pythonpath_with
+from axolotl_cli import CPU_DISTRIBUTED_DIR, PREPARED_DATASETS_ENV, SUBPROCESS_TMPDIR_ENV, pythonpath_with
 from cpu_distributed import gc_freeze
 from tiny_assets import arithmetic_records, build_tiny_llama, write_jsonl
 
@@ -41,6 +41,9 @@ os.environ.setdefault(gc_freeze.ENV_VAR, "1")
 gc_freeze.install()
 # The prepared datasets of every `axolotl train` run of the session (tests/axolotl_cli.py).
 _OWN_FOLDERS.append(_session_folder(PREPARED_DATASETS_ENV, "balora-prepared-"))
+# TMPDIR of the `axolotl` and torchrun subprocesses (tests/axolotl_cli.py `subprocess_tmpdir`):
+# their leftovers (~90 empty `torchelastic_*` folders per slow suite) go with the session.
+_OWN_FOLDERS.append(_session_folder(SUBPROCESS_TMPDIR_ENV, "balora-tmp-"))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 
-from axolotl_cli import CPU_DISTRIBUTED_DIR, base_config, free_port, pythonpath_with, run_axolotl, run_axolotl_train
+from axolotl_cli import (CPU_DISTRIBUTED_DIR, base_config, free_port, pythonpath_with, run_axolotl, run_axolotl_train,
+                         subprocess_tmpdir)
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ def _run(args: list[str], processes: int) -> None:
 
 
 def _run_worker(worker: Path, args: list[str], processes: int) -> None:
-    env = {**os.environ, "PYTHONPATH": pythonpath_with(worker.parent), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": pythonpath_with(worker.parent), "OMP_NUM_THREADS": "1", **subprocess_tmpdir()}
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                    "--master_port", str(free_port()), str(worker), *args]
