@@ -42,7 +42,9 @@ gc_freeze.install()
 # The prepared datasets of every `axolotl train` run of the session (tests/axolotl_cli.py).
 _OWN_FOLDERS.append(_session_folder(PREPARED_DATASETS_ENV, "balora-prepared-"))
 # TMPDIR of the `axolotl` and torchrun subprocesses (tests/axolotl_cli.py `subprocess_tmpdir`):
-# their leftovers (~90 empty `torchelastic_*` folders per slow suite) go with the session.
+# their leftovers (27 empty `torchelastic_*` folders in one CI run's slow suite, 2026-12-07) go
+# with the session. Not this session's own TMPDIR: xdist workers would inherit it, and pytest's
+# `tmp_path` folders, kept for a look after a failure, would go too.
 _OWN_FOLDERS.append(_session_folder(SUBPROCESS_TMPDIR_ENV, "balora-tmp-"))
 
 
