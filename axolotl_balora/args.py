@@ -13,7 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
 
-from pydantic import create_model, model_validator
+from pydantic import Field, create_model, model_validator
 
 from .core.config import BALoRAConfig
 from .kernels import settle_kernel_keys
@@ -155,17 +155,21 @@ def _check_fsdp_loading(data: dict[str, Any]) -> None:
             )
 
 
-# One optional YAML key per BALoRAConfig field, typed as the field (a new option is written
-# once, in the core). Unset keys stay None on non-BA-LoRA configs, so a dumped config can be
+# One optional YAML key per BALoRAConfig field, typed and described as the field (a new option is
+# written once, in the core). Unset keys stay None on non-BA-LoRA configs, so a dumped config can be
 # validated again; on `adapter: balora` they are filled with the spec's defaults.
+_HINTS = get_type_hints(BALoRAConfig)
 _BALoRAKeys = create_model(
     "_BALoRAKeys",
-    **{f"balora_{name}": (Optional[hint], None) for name, hint in get_type_hints(BALoRAConfig).items()},
+    **{
+        f"balora_{field.name}": (Optional[_HINTS[field.name]], Field(None, description=field.metadata["description"]))
+        for field in fields(BALoRAConfig)
+    },
 )
 
 
 class BALoRAArgs(_BALoRAKeys):
-    """BA-LoRA options (each key's meaning: README and docs/guide.md); the checks that need
+    """BA-LoRA options (each key's meaning: its field's description); the checks that need
     the rest of the Axolotl config (adapter, engines, kernels) run here, the value checks in
     the core's `BALoRAConfig`."""
 

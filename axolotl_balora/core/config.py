@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 
-INIT_CHOICES = ("pissa", "pissa_niter_<N>", "gaussian")
 SCHEDULE_CHOICES = ("paper", "constant")
 SVD_NORM_CHOICES = ("frobenius", "nuclear")
 TASK_CHOICES = ("auto", "causal_lm", "classification")
@@ -52,6 +52,12 @@ def parse_init(init: str) -> tuple[str, int | None]:
     )
 
 
+def _option(default: object, description: str) -> Any:
+    """A field with its user-facing description: the `balora_*` schema and README's key table
+    (`python ci/key_table.py`) are built from it, so each key is described once."""
+    return field(default=default, metadata={"description": description})
+
+
 def _check(condition: bool, key: str, value: object, allowed: str) -> None:
     if not condition:
         raise ValueError(f"{key}: {value!r} is not allowed; {allowed}")
@@ -64,18 +70,61 @@ class BALoRAConfig:
     For sequence classification start from `for_classification()` (the NLU defaults).
     """
 
-    lambda_consistency: float = 0.025
-    lambda_diversity: float = 0.005
-    lambda_svd: float = 0.005
-    temperature: float = 2.0
-    diversity_top_k: int = 20
-    svd_top_k: int = 10
-    svd_norm: str = "frobenius"
-    init: str = "pissa"
-    init_cache: str | bool = "auto"  # YAML reads a bare off / on as false / true
-    lambda_schedule: str = "paper"
-    chunk_size: int = 256
-    task: str = "auto"
+    lambda_consistency: float = _option(
+        0.025,
+        "weight λ1 of the consistency term L_CR = T² · mean KL(p_ref ‖ p_model) over the positions of "
+        "the task loss; the reference is the pre-trained model (adapters disabled), computed without "
+        "gradient. It holds back a rare class that the base model does not predict: lower it on "
+        "skewed data ([results](docs/results.md))",
+    )
+    lambda_diversity: float = _option(
+        0.005,
+        "weight λ2 of the diversity term L_DR = − mean entropy of the top-K renormalized distribution "
+        "(minimizing it raises entropy)",
+    )
+    lambda_svd: float = _option(
+        0.005,
+        "weight λ3 of the SVD term L_SVDR = − (sum of the top-k singular values of the batch's logit "
+        "matrix) / norm",
+    )
+    temperature: float = _option(2.0, "T of the consistency term (> 0)")
+    diversity_top_k: int = _option(20, "K of the diversity term; `0` = the full vocabulary")
+    svd_top_k: int = _option(
+        10, "k of the SVD term (≥ 1; with fewer rows than k all singular values are used)"
+    )
+    svd_norm: str = _option(
+        "frobenius",
+        "denominator of the SVD term: `frobenius` (the authors' code) or `nuclear` (the paper's formula)",
+    )
+    init: str = _option(
+        "pissa",
+        "`pissa` (exact SVD), `pissa_niter_N` (randomized SVD with N power iterations, fixed seed), "
+        "`gaussian` (plain LoRA init: the paper's \"LoRA + regularizers\" ablation)",
+    )
+    init_cache: str | bool = _option(  # YAML reads a bare off / on as false / true
+        "auto",
+        "where the PiSSA factors are kept for the next run on the same base: `auto` "
+        "(`$BALORA_INIT_CACHE_DIR`, else `~/.cache/axolotl_balora/pissa`), a folder, or `off`; keyed "
+        "by a hash of each weight, so a changed base is never served stale (≈ 1.3 GB for LLaMA-2-7B "
+        "at r = 128)",
+    )
+    lambda_schedule: str = _option(
+        "paper",
+        "`paper`: λ1 decays by a cosine to 0.1·λ1 over the run; λ2 and λ3 are 0 for the first 20% of "
+        "steps, ramp linearly over the next 5%, then stay. `constant`: the values as given",
+    )
+    chunk_size: int = _option(
+        256,
+        "tokens per chunk of the fused loss (no `[tokens, vocab]` logits are ever built); smaller "
+        "saves memory; `0` = the terms from the model's full logits (the plain path)",
+    )
+    task: str = _option(
+        "auto",
+        "which form of the regularizers: `causal_lm` (token positions, above), `classification` "
+        "(per-example logits and pooled features, see "
+        "[docs/guide.md](docs/guide.md#classification-models)); `auto` picks `classification` for a "
+        "`*ForSequenceClassification` model, else `causal_lm`",
+    )
 
     @classmethod
     def for_classification(cls, **overrides: object) -> "BALoRAConfig":
