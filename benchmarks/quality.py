@@ -83,7 +83,7 @@ METHODS["balora-svd-only-0.1"] = {"adapter": "balora", **NO_REGULARIZERS, "balor
 METHODS["balora-constant-lambdas"] = {"adapter": "balora", "balora_lambda_schedule": "constant"}
 TUNED_ABLATIONS = ("balora-consistency-only", "balora-diversity-only-0.1", "balora-svd-only-0.1",
                    "balora-constant-lambdas")
-# Which term moves minority recall on the declared bias task (issue #31): each term alone (at the
+# Which term moves minority recall on the declared bias task: each term alone (at the
 # ablations' lambdas), and full BA-LoRA with the consistency weight at 0 and 0.01 (the spec's
 # 0.025 is `balora` itself, in the bias stage). Nothing above 0.025: recall is 0 in every seed
 # there already; the question is whether a smaller weight lets the minority class through.

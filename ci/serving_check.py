@@ -1,8 +1,7 @@
 """Serve a BA-LoRA adapter with the real vLLM (CPU build) and compare it with PEFT + transformers.
 
-Issue #30, "Serve what you trained". Runs in its own environment, `.venv-serving`
-(vLLM pins its own torch / transformers; `make serving` builds it from
-ci/constraints-serving.txt), never in the training venvs:
+Runs in its own environment, `.venv-serving` (vLLM pins its own torch / transformers;
+`make serving` builds it from ci/constraints-serving.txt), never in the training venvs:
 
     HF_HUB_OFFLINE=1 .venv-serving/bin/python ci/serving_check.py \\
         --base .cache/smollm2-135m-instruct --adapter .cache/serving/adapter \\

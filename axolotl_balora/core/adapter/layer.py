@@ -60,7 +60,7 @@ class BALoRALinear(LoraLinear):
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A, B, A0, -B0), the frozen pair in the trainable dtype (see
-        init._frozen_follow_trainable_dtype: then A == A0 and B == B0 bit for bit at step 0)."""
+        pissa_init._frozen_follow_trainable_dtype: then A == A0 and B == B0 bit for bit at step 0)."""
         a, b = self.lora_A[TRAINABLE_ADAPTER].weight, self.lora_B[TRAINABLE_ADAPTER].weight
         return a, b, self.lora_A[FROZEN_ADAPTER].weight.to(a.dtype), self.lora_B[FROZEN_ADAPTER].weight.to(b.dtype)
 

@@ -13,8 +13,10 @@ Decomposing each target weight is the slow part of the init (an exact SVD of a
   base loads them; a changed weight has another key, so a stale entry is never used,
   and an unreadable entry is recomputed and replaced.
 
-Under ZeRO-3 every rank gathers each weight together (a collective), so the layers
-are not split there: each rank decomposes every layer, as before.
+Under ZeRO-3 gathering a weight is a collective, so the split follows the gathers
+there: all ranks gather `world size` consecutive weights together and each decomposes one
+of them (`pissa_init.attach_frozen_factors`). When only rank 0 holds real weights (FSDP's
+rank-0 loading), rank 0 decomposes every layer.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..config import SVD_NORM_CHOICES
+
 IGNORE_INDEX = -100
 
 
@@ -92,8 +94,8 @@ def svd_ratio_rows(rows: torch.Tensor, k: int, norm: str) -> torch.Tensor:
     Shared by the causal-LM form (rows = scored positions) and the
     classification form (rows = examples, nuclear norm).
     """
-    if norm not in ("frobenius", "nuclear"):
-        raise ValueError(f"norm: {norm!r} is not allowed; allowed: frobenius, nuclear")
+    if norm not in SVD_NORM_CHOICES:
+        raise ValueError(f"norm: {norm!r} is not allowed; allowed: {', '.join(SVD_NORM_CHOICES)}")
     if rows.shape[0] == 0:
         return _zero_like(rows)
     singular_values = torch.linalg.svdvals(rows)

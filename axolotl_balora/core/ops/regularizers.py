@@ -3,7 +3,7 @@
 This is the seam between the trainer and the loss implementations: the plain
 path below uses the readable functions of `losses`; a fused, chunked path
 can return the same `RegularizerTerms` without ever building full logits;
-the classification form uses those of `classification`.
+the classification form uses those of `classification_terms`.
 """
 
 from __future__ import annotations

@@ -55,14 +55,15 @@ def _fsdp_owner(root: nn.Module, head: nn.Module) -> nn.Module | None:
     return owner
 
 
-def _output_layer(peft_model: nn.Module) -> nn.Module:
-    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+def output_layer_of(model: nn.Module) -> nn.Module | None:
+    """The output layer (lm_head) of a PEFT model or of a bare transformers model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_output_embeddings()
 
 
 def sharding_blocker(peft_model: nn.Module) -> str | None:
     """Why the head's sharding keeps the fused path off (None: whole, ZeRO-3 or FSDP2)."""
-    head = _output_layer(peft_model)
+    head = output_layer_of(peft_model)
     sharding = sharding_engine(head.weight)
     if sharding == "FSDP2" and _fsdp_owner(peft_model, head) is None:
         return "the output layer's weight is a DTensor that no FSDP2 module owns (tensor parallel?)"
@@ -76,7 +77,7 @@ def full_head_weight(peft_model: nn.Module) -> Iterator[torch.Tensor]:
     Call it after the model's forwards of this micro-batch (a forward inside the
     block would reshard or release it again). Collective when the weight is sharded.
     """
-    head = _output_layer(peft_model)
+    head = output_layer_of(peft_model)
     weight = head.weight
     sharding = sharding_engine(weight)
     if sharding == "ZeRO-3":

@@ -31,7 +31,7 @@ from ..ops.fused import fused_losses
 from .hidden_states import recorded_output
 from ..ops.losses import IGNORE_INDEX
 from .model_inputs import replayed_random_state
-from ..parallel.output_layer import full_head_weight
+from ..parallel.output_layer import full_head_weight, output_layer_of
 from ..parallel.ranks import several_ranks
 
 CHECKED_POSITIONS = 8
@@ -91,7 +91,7 @@ def _recorded_forward(model: nn.Module, peft_model: PeftModel, inputs: dict) -> 
 
 def _run_check(model: nn.Module, peft_model: PeftModel, model_inputs: dict, positions: torch.Tensor
                ) -> tuple[float, str | None, torch.dtype]:
-    dtype = peft_model.get_base_model().get_output_embeddings().weight.dtype
+    dtype = output_layer_of(peft_model).weight.dtype
     output, hidden = _recorded_forward(model, peft_model, {**model_inputs, "logits_to_keep": positions})
     logits = getattr(output, "logits", None)
     if logits is None or hidden is None:

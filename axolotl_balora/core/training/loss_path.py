@@ -26,7 +26,7 @@ from torch import nn
 from ..adapter.pissa_init import check_frozen_factors_active
 from ..config import BALoRAConfig
 from ..ops.fused import LmHeadFactor
-from ..parallel.output_layer import sharding_blocker
+from ..parallel.output_layer import output_layer_of, sharding_blocker
 from ..parallel.sharding import sharding_engine
 from .classification import uses_classification_form
 from .head_check import check_fused_head
@@ -55,7 +55,7 @@ def fused_path_blocker(model: PeftModel) -> str | None:
     before the first fused step and catches what this list misses.
     """
     base = model.get_base_model()
-    lm_head = base.get_output_embeddings()
+    lm_head = output_layer_of(model)
     if type(lm_head) is not nn.Linear:
         return (
             f"the output layer is {type(lm_head).__name__}, not a frozen nn.Linear "
@@ -85,7 +85,7 @@ def fused_path_blocker(model: PeftModel) -> str | None:
 def output_layer_key(peft_model: nn.Module) -> tuple:
     """What the choice depends on: the model, its output layer, that layer's weight
     (the Parameter object, not its storage, which ZeRO-3 and FSDP2 swap) and its dtype."""
-    head = peft_model.get_base_model().get_output_embeddings()
+    head = output_layer_of(peft_model)
     weight = getattr(head, "weight", None)
     return id(peft_model), id(head), None if weight is None else (id(weight), weight.dtype)
 
@@ -143,7 +143,7 @@ def choose_loss_path(peft_model: PeftModel, config: BALoRAConfig, customized_tas
     if uses_classification_form(peft_model, config.task):
         LOG.info("BA-LoRA: classification form (per-example logits, pooled features)")
         return LossPath(key, CLASSIFICATION, config.chunk_size)
-    head_weight = getattr(peft_model.get_base_model().get_output_embeddings(), "weight", None)
+    head_weight = getattr(output_layer_of(peft_model), "weight", None)
     sharding = None if head_weight is None else sharding_engine(head_weight)
     if config.chunk_size == 0:
         reason = "balora_chunk_size is 0"
