@@ -16,64 +16,34 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from ..adapter.checkpoint import check_compatible, load_training_state
-from ..adapter.export import is_balora_model, save_sharded_balora_adapter
-from ..adapter.names import TRAINING_STATE_DIR
-from ..adapter.pissa_init import activate_balora_adapters, restore_frozen_factor_buffers
-from ..config import BALoRAConfig
 from ..ops.losses import IGNORE_INDEX
 from ..ops.regularizers import (
-    RegularizerTerms,
     classification_regularizer_terms,
     fused_regularizer_terms,
     plain_regularizer_terms,
 )
-from ..ops.schedules import Lambdas, lambdas_at
+from ..ops.schedules import lambdas_at
 from ..parallel.output_layer import full_head_weight
 from .classification import recorded_pooled_features, reference_features
 from .hidden_states import final_hidden_states
 from .loss_path import CLASSIFICATION, LossPath, choose_loss_path, output_layer_key
 from .model_inputs import inputs_from_parent, reference_before_forward, replayed_random_state, without_task_keys
-from .resume_point import resume_point
-from .term_tally import TermTally
+from .trainer_base import BALoRATrainerBase
 
 LOG = logging.getLogger(__name__)
 
 
-def _fsdp2_sharded_state_dict(trainer: Any) -> bool:
-    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None
-    return (plugin is not None and getattr(plugin, "fsdp_version", 1) == 2
-            and "SHARDED_STATE_DICT" in str(plugin.state_dict_type))
-
-
-class _FrozenFactorsStayBuffers(TrainerCallback):
-    """At train begin (after the engine wrapped and, with rank-0 loading, re-loaded the model),
-    before any forward: the frozen factors are buffers again if a loader made them parameters."""
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        restored = restore_frozen_factor_buffers(model) if model is not None else 0
-        if restored:
-            LOG.info("BA-LoRA: %d frozen factors came back from the engine's loading as parameters; "
-                     "kept as buffers (never trained, never clipped)", restored)
-
-
-class BALoRATrainerMixin:
+class BALoRATrainerMixin(BALoRATrainerBase):
     """Adds lambda1 L_CR + lambda2 L_DR + lambda3 L_SVDR to the training loss and logs them."""
 
-    def __init__(self, *args: Any, balora_config: BALoRAConfig | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.balora_config = balora_config or BALoRAConfig()
-        self._balora_tally = TermTally()
         self._balora_path: LossPath | None = None  # chosen at the first training step
-        self.add_callback(_FrozenFactorsStayBuffers())
 
     @property
     def balora_loss_path(self) -> str:
@@ -102,8 +72,9 @@ class BALoRATrainerMixin:
             # Axolotl's token count, see this batch twice).
             return self._plain_loss(model, peft_model, inputs, lambdas, weight, num_items_in_batch, return_outputs)
         fused = self._fused_terms(model, peft_model, model_inputs, labels, lambdas)
-        self._record(fused.terms, lambdas)
-        return weight * fused.total
+        loss = weight * fused.total
+        self._record(fused.terms, lambdas, weight * fused.task, loss)
+        return loss
 
     def _loss_path(self, peft_model: nn.Module) -> LossPath:
         """The path chosen for this model and output layer (chosen again if either changes)."""
@@ -132,8 +103,8 @@ class BALoRATrainerMixin:
         terms = plain_regularizer_terms(
             outputs.logits, reference[-1] if reference else None, labels, self.balora_config, lambdas
         )
-        self._record(terms, lambdas)
         loss = task_loss + weight * terms.weighted_sum(lambdas)
+        self._record(terms, lambdas, task_loss, loss)
         return (loss, outputs) if return_outputs else loss
 
     def _fused_terms(self, model, peft_model, model_inputs, labels, lambdas):
@@ -164,9 +135,10 @@ class BALoRATrainerMixin:
         terms = classification_regularizer_terms(
             outputs.logits, features[-1] if features else None, ref_features, self.balora_config, lambdas
         )
-        self._record(terms, lambdas)
         weight = self.regularizer_weight(inputs["labels"], num_items_in_batch, shifted=False)
-        return task_loss + weight * terms.weighted_sum(lambdas), outputs
+        loss = task_loss + weight * terms.weighted_sum(lambdas)
+        self._record(terms, lambdas, task_loss, loss)
+        return loss, outputs
 
     def regularizer_weight(
         self, labels: torch.Tensor, num_items_in_batch: Any, shifted: bool = True
@@ -212,59 +184,3 @@ class BALoRATrainerMixin:
         if parallelism is not None:
             processes //= parallelism.tp_size
         return processes
-
-    # -- checkpoints --------------------------------------------------------
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """Resume from a complete checkpoint only, and refuse one of another adapter layout or
-        init, before anything loads it.
-
-        A checkpoint a crash left half-written is replaced by the last complete one before it
-        (`resume_point.py`). DeepSpeed resumes through its own checkpoint loader, never through
-        `_load_from_checkpoint`; the checks must not depend on which engine runs.
-        """
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
-        if isinstance(checkpoint, (str, Path)):
-            checkpoint = resume_point(Path(checkpoint))
-            resume_from_checkpoint = str(checkpoint)
-            if (checkpoint / TRAINING_STATE_DIR).is_dir():
-                check_compatible(self.accelerator.unwrap_model(self.model), checkpoint / TRAINING_STATE_DIR)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Also write the rank-2r export (and TRAINING_STATE_DIR) where FSDP2 saves DCP shards only.
-
-        With `SHARDED_STATE_DICT` the Trainer's own save of a checkpoint writes no adapter file;
-        the export gathers just the adapter tensors (small) on every rank, as for the final save.
-        Resuming then takes the same TRAINING_STATE_DIR route as every other engine.
-        """
-        super().save_model(output_dir, _internal_call)
-        peft_model = self.accelerator.unwrap_model(self.model)
-        if _fsdp2_sharded_state_dict(self) and is_balora_model(peft_model):
-            save_sharded_balora_adapter(peft_model, output_dir or self.args.output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """Resume from the raw adapters under TRAINING_STATE_DIR, not the rank-2r export."""
-        state_dir = Path(resume_from_checkpoint) / TRAINING_STATE_DIR
-        peft_model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if not state_dir.is_dir():
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-            return
-        LOG.info("BA-LoRA: resuming adapters from %s", state_dir)
-        load_training_state(peft_model, state_dir)
-        activate_balora_adapters(peft_model)
-
-    # -- logging ------------------------------------------------------------
-    def _record(self, terms: RegularizerTerms, lambdas: Lambdas) -> None:
-        self._balora_tally.add(terms, lambdas)
-
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Attach each term's mean since the last training log, over every rank (skips summed).
-
-        The Trainer logs on every rank at the same steps, so the one reduction here
-        is collective-safe; it is the only host sync the terms cost.
-        """
-        if "loss" in logs and self._balora_tally.micro_batches:
-            logs.update(self._balora_tally.reduce_and_reset(self.accelerator, self.args.device))
-        super().log(logs, *args, **kwargs)
