@@ -32,6 +32,34 @@ def arithmetic_records(count: int, seed: int = 0) -> list[dict[str, str]]:
     return records
 
 
+def preference_records(count: int, seed: int = 0) -> list[dict]:
+    """Pairs in the shape axolotl's chat_template DPO and ORPO loaders read: the user turn in
+    `messages`, and `chosen` / `rejected` as [user, assistant] threads (the right sum against
+    an off-by-one)."""
+    records = []
+    for record in arithmetic_records(count, seed=seed):
+        user = {"role": "user", "content": record["instruction"]}
+        right = record["output"]
+        total = int(right.rsplit(" ", 1)[-1].rstrip("."))
+        wrong = right.replace(str(total), str(total + 1))
+        records.append({
+            "messages": [user],
+            "chosen": [user, {"role": "assistant", "content": right}],
+            "rejected": [user, {"role": "assistant", "content": wrong}],
+        })
+    return records
+
+
+def kto_records(count: int, seed: int = 0) -> list[dict]:
+    """Unpaired completions labelled desirable or not, in axolotl's `chatml.intel` KTO shape."""
+    records = []
+    for index, pair in enumerate(preference_records(count, seed=seed)):
+        side = "chosen" if index % 2 == 0 else "rejected"
+        records.append({"question": pair["messages"][0]["content"],
+                        "completion": pair[side][-1]["content"], "label": side == "chosen"})
+    return records
+
+
 def write_jsonl(records: list[dict[str, str]], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
