@@ -16,41 +16,13 @@ from axolotl.loaders.adapter import load_lora
 from axolotl.utils.dict import DictDefault
 from transformers import PreTrainedModel, Trainer
 
-from . import kernels, plugin_names
+from . import kernels
 from .args import ADAPTER_NAME, config_from_mapping
-from .core.adapter.export import is_balora_model, save_sharded_balora_adapter
 from .core.adapter.pissa_init import apply_balora
 from .core.training.trainer import BALoRATrainerMixin
+from .patches import fsdp2_adapter_save, kernel_parameters, plugin_names
 
 LOG = logging.getLogger(__name__)
-
-
-def _wrap_fsdp2_adapter_save() -> None:
-    """Route axolotl's FSDP2 final adapter save through the BA-LoRA export.
-
-    For `fsdp_version: 2` axolotl's train.py saves the final adapter with
-    `save_fsdp2_lora_adapter`, which keeps only the trainable adapter (rank r, without
-    the -B0 A0 term): the shipped adapter would be wrong. train.py imports that
-    function from its module at call time, so replacing the module attribute reaches
-    it; other models still go to axolotl's own function.
-    """
-    try:
-        from axolotl.integrations.expert_parallel import shard
-    except ImportError:
-        return
-    original = getattr(shard, "save_fsdp2_lora_adapter", None)
-    if original is None or getattr(original, "balora_wrapped", False):
-        return
-
-    def save_fsdp2_lora_adapter(model, output_dir: str) -> bool:
-        if not is_balora_model(model):
-            return original(model, output_dir)
-        LOG.info("BA-LoRA: saving the FSDP2 final adapter as the standard rank-2r export")
-        save_sharded_balora_adapter(model, output_dir)
-        return True
-
-    save_fsdp2_lora_adapter.balora_wrapped = True
-    shard.save_fsdp2_lora_adapter = save_fsdp2_lora_adapter
 
 
 class BALoRATrainer(BALoRATrainerMixin, AxolotlTrainer):
@@ -86,11 +58,11 @@ class BALoRAPlugin(BasePlugin):
     def pre_model_load(self, cfg: DictDefault) -> None:
         """Before axolotl patches its fused LoRA kernels in, let them take BA-LoRA's stacked pair."""
         if _is_balora(cfg) and any(cfg.get(key) for key in kernels.KERNEL_KEYS):
-            kernels.install_kernel_support()
+            kernel_parameters.install()
 
     def post_model_load(self, cfg: DictDefault, model: PreTrainedModel) -> None:
         if _is_balora(cfg) and any(cfg.get(key) for key in kernels.KERNEL_KEYS):
-            kernels.report_patched_layers(model)
+            kernel_parameters.report_patched_layers(model)
 
     def post_model_build(self, cfg: DictDefault, model: PreTrainedModel) -> None:
         """Axolotl enables gradient checkpointing before adapters only for lora/qlora; do it for balora."""
@@ -123,5 +95,5 @@ class BALoRAPlugin(BasePlugin):
     def post_trainer_create(self, cfg: DictDefault, trainer: Trainer) -> None:
         if _is_balora(cfg) and isinstance(trainer, BALoRATrainerMixin):
             trainer.balora_config = config_from_mapping(dict(cfg))
-            _wrap_fsdp2_adapter_save()
+            fsdp2_adapter_save.install()
             LOG.info("BA-LoRA regularizers: %s", trainer.balora_config.as_dict())

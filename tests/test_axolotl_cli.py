@@ -50,7 +50,7 @@ def _reads_plugin_entry_points() -> bool:
 
 
 def _assert_plugin_name_was_read(result, plugin_name: str) -> None:
-    """The startup hook (axolotl_balora/plugin_names.py) read the name as the plugin's own."""
+    """The startup hook (axolotl_balora/patches/plugin_names.py) read the name as the plugin's own."""
     assert f"plugins: {plugin_name!r} read as 'axolotl_balora.BALoRAPlugin'" in result.stdout + result.stderr
 
 

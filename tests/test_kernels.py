@@ -14,7 +14,7 @@ from peft import LoraConfig
 
 from axolotl_balora.core.adapter.layer import stacked_update_factors
 from axolotl_balora.core.adapter.pissa_init import apply_balora, lora_layers
-from axolotl_balora.kernels import install_kernel_support
+from axolotl_balora.patches import kernel_parameters
 from cpu_distributed import cpu_activation
 from tiny_models import perturb_trainable, tiny_llama
 
@@ -23,7 +23,7 @@ HIDDEN = 32
 
 @pytest.fixture(autouse=True)
 def kernels_take_balora_factors():
-    install_kernel_support()
+    kernel_parameters.install()
     cpu_activation.install()
 
 
@@ -128,13 +128,11 @@ def test_axolotl_own_lora_models_still_get_axolotl_answer():
 
 def test_each_projection_kind_a_kernel_computed_is_logged_once_by_its_name(monkeypatch, caplog):
     """The CLI tests read these lines to know which projections the kernels really computed."""
-    from axolotl_balora import kernels
-
-    monkeypatch.setattr(kernels, "_served", set())
+    monkeypatch.setattr(kernel_parameters, "_served", set())
     model = balora_llama().eval()
-    kernels.report_patched_layers(model)
+    kernel_parameters.report_patched_layers(model)
     attn, mlp = first_layer(model)
-    with caplog.at_level("INFO", logger=kernels.LOG.name), torch.no_grad():
+    with caplog.at_level("INFO", logger=kernel_parameters.LOG.name), torch.no_grad():
         for _ in range(2):
             axolotl_kernels.apply_lora_qkv(attn, hidden_states())
     computed = [r.getMessage() for r in caplog.records if "a fused LoRA kernel computed" in r.getMessage()]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from axolotl_balora import plugin_names
+from axolotl_balora.patches import plugin_names
 
 
 # One fresh interpreter (what `axolotl train` gets) reports everything: importing axolotl's
@@ -53,7 +53,7 @@ def fresh_interpreter() -> dict:
 def test_the_install_puts_the_startup_hook_at_the_root_of_site_packages():
     hook = Path(sysconfig.get_paths()["purelib"]) / "axolotl_balora.pth"
     assert hook.is_file(), f"{hook} missing: the wheel's force-include (pyproject.toml) was not installed"
-    assert hook.read_text().strip() == "import axolotl_balora.plugin_names; axolotl_balora.plugin_names.install()"
+    assert hook.read_text().strip() == "import axolotl_balora.patches.plugin_names; axolotl_balora.patches.plugin_names.install()"
 
 
 @pytest.mark.parametrize("name", SPELLINGS)

@@ -1,4 +1,5 @@
-"""Let `plugins: [axolotl_balora]` (the package's own name) load the plugin on every axolotl.
+"""Patch of axolotl's plugin loader (`axolotl.integrations.base`, axolotl 0.19-0.21): let
+`plugins: [axolotl_balora]` (the package's own name) load the plugin on every axolotl.
 
 Axolotl 0.19-0.21 split a configured plugin name at its last dot (`load_plugin`), so the bare
 package name fails with a ValueError before any code of ours runs. The only code that runs
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import sys
 
+from . import Target
+
 TYPE_CHECKING = False  # not typing's: imported at every interpreter start, this loads only `sys`
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -24,6 +27,14 @@ PLUGIN_NAME = "axolotl_balora.BALoRAPlugin"
 # register a second time beside the `axolotl.plugins` entry point, failing validation).
 ALIASES = frozenset({"axolotl_balora", "axolotl_balora.plugin.BALoRAPlugin"})
 WATCHED_MODULE = "axolotl.integrations.base"
+# 0.19 / 0.20 register a configured name through `load_plugin` and key the plugin by the name as
+# written, so only the loading needs the alias. 0.21 first normalizes configured names and skips
+# those already registered from entry points: mapping the alias there makes it the entry point's
+# plugin instead of a second instance of the same class.
+TARGETS = (
+    Target(WATCHED_MODULE, "load_plugin", ("plugin_name",)),
+    Target(WATCHED_MODULE, "normalize_plugin_name", ("target",), since="0.21"),
+)
 
 
 def canonical_plugin_name(name: str) -> str:
@@ -44,17 +55,11 @@ def _accepting_aliases(function: Callable[[str], object]) -> Callable[[str], obj
 
 
 def accept_plugin_aliases(base: ModuleType) -> None:
-    """Wrap axolotl's `load_plugin` (all versions) and `normalize_plugin_name` (0.21) once.
-
-    0.19 / 0.20 register a configured name through `load_plugin` and key the plugin by the name
-    as written, so only the loading needs the alias. 0.21 first normalizes configured names and
-    skips those already registered from entry points: mapping the alias there makes it the
-    entry point's plugin instead of a second instance of the same class.
-    """
-    for attribute in ("load_plugin", "normalize_plugin_name"):
-        function = getattr(base, attribute, None)
+    """Wrap each of `TARGETS` that this axolotl has, once."""
+    for target in TARGETS:
+        function = getattr(base, target.attribute, None)
         if callable(function) and not hasattr(function, "__wrapped__"):
-            setattr(base, attribute, _accepting_aliases(function))
+            setattr(base, target.attribute, _accepting_aliases(function))
 
 
 class _PatchAfterImport:
