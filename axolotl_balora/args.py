@@ -44,6 +44,21 @@ UNSUPPORTED_WITH_BALORA = {
     "plain transformers Trainer (examples/classification_trainer.py)",
     "process_reward_model": "Axolotl trains it with its PRM trainer on token labels, which "
     "the BA-LoRA trainer would replace",
+    "use_dft": "DFT replaces the task loss with a probability-weighted one (a compute_loss_func) "
+    "that BA-LoRA's fused loss does not compute",
+    "dpo_use_liger_kernel": "TRL's chunked DPO loss never builds the logits BA-LoRA's terms read",
+    "rl_adapter_ref_model": "with BA-LoRA the model with its adapters disabled is already exactly the "
+    "pre-trained model, which DPO, IPO and KTO take as their reference; a second copy only costs memory",
+}
+
+# `rl:` values BA-LoRA trains with (Axolotl's own trainer for each, with the terms added), and
+# why the others are refused.
+PREFERENCE_RL = ("dpo", "ipo", "kto", "orpo", "simpo")
+REFUSED_RL = {
+    "grpo": "GRPO scores completions it generates with reward functions; BA-LoRA's terms are not "
+            "wired into its rollouts",
+    "gdpo": "GDPO is GRPO with several rewards; BA-LoRA's terms are not wired into its rollouts",
+    "ebft": "EBFT's trainer is not one of the TRL preference trainers BA-LoRA's terms are wired into",
 }
 
 
@@ -89,6 +104,30 @@ def _check_compatibility(data: dict[str, Any]) -> None:
                 f"{key}: {data[key]!r} is not supported with adapter: {ADAPTER_NAME} ({reason}); "
                 f"remove {key} or set it to false"
             )
+
+
+def _check_resolved_defaults(config: Any) -> None:
+    """The same refusals on the resolved config: another plugin's schema may default one of those
+    keys on (the Cut Cross Entropy plugin's `cut_cross_entropy: true`) after the raw YAML was checked."""
+    for key, reason in UNSUPPORTED_WITH_BALORA.items():
+        if getattr(config, key, None):
+            raise ValueError(
+                f"{key}: {getattr(config, key)!r} is not supported with adapter: {ADAPTER_NAME} ({reason}); "
+                f"the YAML does not set it, so it is a default of a listed plugin's schema: write "
+                f"{key}: false, or remove that plugin from plugins:"
+            )
+
+
+def _check_rl(data: dict[str, Any]) -> None:
+    rl = data.get("rl")
+    if rl in (None, False) or str(getattr(rl, "value", rl)) in PREFERENCE_RL:
+        return
+    rl = str(getattr(rl, "value", rl))
+    reason = REFUSED_RL.get(rl, "this trainer is not one BA-LoRA's terms are wired into")
+    raise ValueError(
+        f"rl: {rl} is not supported with adapter: {ADAPTER_NAME} ({reason}); BA-LoRA trains with "
+        f"rl: {', '.join(PREFERENCE_RL)} or without rl:, or use adapter: lora for rl: {rl}"
+    )
 
 
 def _check_sequence_splitting(data: dict[str, Any]) -> None:
@@ -182,6 +221,7 @@ class BALoRAArgs(_BALoRAKeys):
         if data.get("adapter") == ADAPTER_NAME:
             config_from_mapping(data)
             _check_compatibility(data)
+            _check_rl(data)
             _check_sequence_splitting(data)
             _check_zero3_save(data)
             _check_fsdp_loading(data)
@@ -189,8 +229,9 @@ class BALoRAArgs(_BALoRAKeys):
         return data
 
     @model_validator(mode="after")
-    def _fill_balora_defaults(self) -> "BALoRAArgs":
+    def _check_resolved_and_fill_defaults(self) -> "BALoRAArgs":
         if getattr(self, "adapter", None) == ADAPTER_NAME:
+            _check_resolved_defaults(self)
             for field in fields(BALoRAConfig):
                 key = f"balora_{field.name}"
                 if getattr(self, key) is None:

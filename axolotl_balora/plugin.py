@@ -20,6 +20,8 @@ from . import kernels
 from .args import ADAPTER_NAME, config_from_mapping
 from .core.adapter.pissa_init import apply_balora
 from .core.training.trainer import BALoRATrainerMixin
+from .core.training.trainer_base import BALoRATrainerBase
+from .preference_trainers import balora_preference_trainer
 from .patches import fsdp2_adapter_save, kernel_parameters, plugin_names
 
 LOG = logging.getLogger(__name__)
@@ -61,6 +63,9 @@ class BALoRAPlugin(BasePlugin):
             kernel_parameters.install()
 
     def post_model_load(self, cfg: DictDefault, model: PreTrainedModel) -> None:
+        """Keep the training model: Axolotl's RL builder hands a plugin's trainer class no model."""
+        if _is_balora(cfg):
+            self._training_model = model
         if _is_balora(cfg) and any(cfg.get(key) for key in kernels.KERNEL_KEYS):
             kernel_parameters.report_patched_layers(model)
 
@@ -90,10 +95,17 @@ class BALoRAPlugin(BasePlugin):
         return peft_model, replace(lora_config, init_lora_weights=False)
 
     def get_trainer_cls(self, cfg: DictDefault) -> type[Trainer] | None:
-        return BALoRATrainer if _is_balora(cfg) else None
+        """Axolotl's SFT trainer, or its trainer for the `rl:` value, with the BA-LoRA terms added."""
+        if not _is_balora(cfg):
+            return None
+        if cfg.rl:
+            rl = str(getattr(cfg.rl, "value", cfg.rl))
+            return balora_preference_trainer(rl, getattr(self, "_training_model", None),
+                                             config_from_mapping(dict(cfg)))
+        return BALoRATrainer
 
     def post_trainer_create(self, cfg: DictDefault, trainer: Trainer) -> None:
-        if _is_balora(cfg) and isinstance(trainer, BALoRATrainerMixin):
+        if _is_balora(cfg) and isinstance(trainer, BALoRATrainerBase):
             trainer.balora_config = config_from_mapping(dict(cfg))
             fsdp2_adapter_save.install()
             LOG.info("BA-LoRA regularizers: %s", trainer.balora_config.as_dict())

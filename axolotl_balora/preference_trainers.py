@@ -17,16 +17,6 @@ from transformers import Trainer
 from .core.config import BALoRAConfig
 from .core.training.preference import BALoRAPreferenceMixin
 
-# `rl:` values BA-LoRA trains with, and the ones it refuses (with what works instead).
-PREFERENCE_RL = ("dpo", "ipo", "kto", "orpo", "simpo")
-REFUSED_RL = {
-    "grpo": "GRPO generates its completions and scores them with reward functions; BA-LoRA's terms "
-            "are defined on a fixed batch of completion tokens and are not wired into its rollouts",
-    "gdpo": "GDPO is GRPO with several rewards (see rl: grpo)",
-    "ebft": "EBFT's trainer is not a TRL preference trainer BA-LoRA's terms are wired into",
-}
-
-
 def axolotl_trainer_class(rl: str) -> type[Trainer]:
     """The class Axolotl's RL builder itself picks for `rl` (imported lazily: it pulls in TRL)."""
     if rl in ("dpo", "ipo"):

@@ -63,10 +63,11 @@ class _ForwardLog:
 
 @contextlib.contextmanager
 def _recorded_forwards(peft_model: PeftModel) -> Iterator[_ForwardLog]:
-    """Record every forward of the causal LM inside the block (a forward hook on it).
+    """Record every forward of the model inside the block (a forward hook on PEFT's tuner model).
 
-    The hook sits under every wrapper (DDP, DeepSpeed, PEFT), so it sees the trainer's
-    policy call and its adapter-disabled reference call alike.
+    The hook sits under every wrapper (DDP, DeepSpeed, the PeftModel), so it sees the trainer's
+    policy call and its adapter-disabled reference call alike. It is on the tuner model, not the
+    causal LM under it: some PEFT versions call the causal LM's `forward` directly, past its hooks.
     """
     log = _ForwardLog()
     probe = lora_layers(peft_model)[0][1]
@@ -78,7 +79,7 @@ def _recorded_forwards(peft_model: PeftModel) -> Iterator[_ForwardLog]:
             log.calls.append(_Forward(input_ids, kwargs, logits, not probe.disable_adapters,
                                       torch.is_grad_enabled()))
 
-    handle = peft_model.get_base_model().register_forward_hook(record, with_kwargs=True)
+    handle = peft_model.base_model.register_forward_hook(record, with_kwargs=True)
     try:
         yield log
     finally:
