@@ -9,7 +9,9 @@ exactly through `patches/kernel_parameters.py`, which hands them the rank-2r sta
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 LOG = logging.getLogger(__name__)
@@ -29,7 +31,29 @@ def kernel_blocker(data: dict[str, Any], zero_stage: int | None) -> str | None:
     if zero_stage == 3:
         return ("under DeepSpeed ZeRO-3 the kernels read the partitioned base weights without "
                 "gathering them; use ZeRO-2 or FSDP2 to use them")
+    if _is_4bit_checkpoint(data.get("base_model")) and not _has_cuda():
+        return ("the base is 4-bit and this machine has no CUDA device: the kernels dequantize its "
+                "NF4 weights with a CUDA-only bitsandbytes call; they stay off here")
     return None
+
+
+def _is_4bit_checkpoint(base_model: Any) -> bool:
+    """A local base whose config carries a 4-bit bitsandbytes `quantization_config` (the
+    pre-quantized route, `python -m axolotl_balora.quantize`)."""
+    config_file = Path(str(base_model)) / "config.json" if base_model else None
+    if config_file is None or not config_file.is_file():
+        return False
+    try:
+        quantization = json.loads(config_file.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    return bool(quantization.get("load_in_4bit"))
+
+
+def _has_cuda() -> bool:
+    import torch  # only asked for a 4-bit base: config checks stay free of torch otherwise
+
+    return torch.cuda.is_available()
 
 
 def _axolotl_would_enable(data: dict[str, Any]) -> dict[str, bool]:

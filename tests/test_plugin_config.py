@@ -10,10 +10,18 @@ from axolotl.utils.config import prepare_plugins, validate_config
 from axolotl.utils.dict import DictDefault
 
 from axolotl_balora import BALoRAPlugin
-from axolotl_balora.args import BALORA_KEYS, SEQUENCE_SPLITTING_KEYS, UNSUPPORTED_WITH_BALORA
+from axolotl_balora.args import (
+    BALORA_KEYS,
+    PREFERENCE_RL,
+    REFUSED_RL,
+    SEQUENCE_SPLITTING_KEYS,
+    UNSUPPORTED_WITH_BALORA,
+)
 from axolotl_balora.core.config import BALoRAConfig
 from axolotl_balora.kernels import KERNEL_KEYS
+from axolotl_balora.core.training.preference import BALoRAPreferenceMixin
 from axolotl_balora.plugin import BALoRATrainer
+from axolotl_balora.preference_trainers import axolotl_trainer_class
 from axolotl_cli import base_config
 
 
@@ -199,3 +207,61 @@ def test_fsdp_cpu_ram_efficient_loading_is_refused_only_for_fsdp1(make_config, v
         _validate(cfg)
 
 
+
+
+def test_kernels_stay_off_for_a_4bit_base_without_cuda_and_asking_is_refused(make_config, tmp_path):
+    """The kernels' NF4 dequantize is a CUDA-only bitsandbytes call (the pre-quantized QLoRA route)."""
+    base = tmp_path / "base-nf4"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}}))
+    assert any(_kernels(make_config(**KERNEL_KEYS_UNSET), CPU).values())  # a dense base: the torch kernels go on
+    assert not any(_kernels(make_config(**KERNEL_KEYS_UNSET, base_model=str(base)), CPU).values())
+    with pytest.raises(Exception, match="lora_qkv_kernel: true is not supported with adapter: balora here: "
+                                        "the base is 4-bit and this machine has no CUDA device"):
+        _kernels(make_config(**{**KERNEL_KEYS_UNSET, "lora_qkv_kernel": True}, base_model=str(base)), CPU)
+
+
+@pytest.mark.parametrize("rl", PREFERENCE_RL)
+def test_preference_training_validates_and_gets_axolotls_trainer_with_the_terms(make_config, rl):
+    cfg = _validate(make_config(rl=rl, remove_unused_columns=False))
+    trainer_cls = BALoRAPlugin().get_trainer_cls(cfg)
+    assert issubclass(trainer_cls, BALoRAPreferenceMixin)
+    assert issubclass(trainer_cls, axolotl_trainer_class(rl))
+
+
+@pytest.mark.parametrize("rl", sorted(REFUSED_RL))
+def test_other_rl_values_are_refused_naming_the_key_and_what_works(make_config, rl):
+    with pytest.raises(Exception, match=f"rl: {rl} is not supported with adapter: balora .*"
+                                        f"BA-LoRA trains with rl: {', '.join(PREFERENCE_RL)}"):
+        _validate(make_config(rl=rl))
+
+
+def test_every_rl_value_axolotl_knows_is_trained_or_refused():
+    from axolotl.utils.schemas.enums import RLType
+
+    assert {rl.value for rl in RLType} <= set(PREFERENCE_RL) | set(REFUSED_RL)
+
+
+@pytest.fixture
+def plugin_registry():
+    """Axolotl's plugin manager is one per process: a test that registers a plugin takes it out again."""
+    from axolotl.integrations.base import PluginManager
+
+    plugins = PluginManager.get_instance().plugins
+    before = dict(plugins)
+    yield
+    plugins.clear()
+    plugins.update(before)
+
+
+CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
+
+
+def test_another_plugins_schema_default_is_refused_like_the_key_itself(make_config, plugin_registry):
+    """The Cut Cross Entropy plugin's schema defaults `cut_cross_entropy` to true when the YAML is silent."""
+    plugins = ["axolotl_balora.BALoRAPlugin", CCE_PLUGIN]
+    with pytest.raises(Exception, match="cut_cross_entropy: True is not supported with adapter: balora .*"
+                                        "a default of a listed plugin's schema: write cut_cross_entropy: false"):
+        _validate(make_config(plugins=plugins))
+    assert _validate(make_config(plugins=plugins, cut_cross_entropy=False))["cut_cross_entropy"] is False
