@@ -63,11 +63,12 @@ class _ForwardLog:
 
 @contextlib.contextmanager
 def _recorded_forwards(peft_model: PeftModel) -> Iterator[_ForwardLog]:
-    """Record every forward of the model inside the block (a forward hook on PEFT's tuner model).
+    """Record every forward of the model inside the block (a forward hook on the PeftModel).
 
-    The hook sits under every wrapper (DDP, DeepSpeed, the PeftModel), so it sees the trainer's
-    policy call and its adapter-disabled reference call alike. It is on the tuner model, not the
-    causal LM under it: some PEFT versions call the causal LM's `forward` directly, past its hooks.
+    The hook sits under every engine wrapper (DDP, DeepSpeed), which call the PeftModel as a
+    module, as TRL calls it for its reference; so it sees the policy call and the adapter-disabled
+    reference call alike. Not lower: PEFT versions differ in which inner module's `forward` they
+    call directly, past its hooks.
     """
     log = _ForwardLog()
     probe = lora_layers(peft_model)[0][1]
@@ -79,7 +80,7 @@ def _recorded_forwards(peft_model: PeftModel) -> Iterator[_ForwardLog]:
             log.calls.append(_Forward(input_ids, kwargs, logits, not probe.disable_adapters,
                                       torch.is_grad_enabled()))
 
-    handle = peft_model.base_model.register_forward_hook(record, with_kwargs=True)
+    handle = peft_model.register_forward_hook(record, with_kwargs=True)
     try:
         yield log
     finally:
