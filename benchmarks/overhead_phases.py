@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
-import axolotl_balora.core.training.trainer as trainer_module
+import axolotl_balora.core.training.loss_paths as loss_paths_module
 from overhead import DEFAULT_INIT, ROW_BUILDERS, load_model, random_batch, smollm2_spec
 
 PHASES = ("load", "adapter", "compute_loss (whole)", "trained forward", "reference forward", "fused loss", "backward", "optimizer")
@@ -104,9 +104,9 @@ class PhaseRecorder:
 
 
 def _instrument(recorder: PhaseRecorder) -> None:
-    """Label the trainer's forwards and its fused loss (wrapping the names it calls)."""
-    hidden_states = trainer_module.final_hidden_states
-    fused_terms = trainer_module.fused_regularizer_terms
+    """Label the trainer's forwards and its fused loss (wrapping the names its fused path calls)."""
+    hidden_states = loss_paths_module.final_hidden_states
+    fused_terms = loss_paths_module.fused_regularizer_terms
 
     def timed_hidden_states(*args: Any, **kwargs: Any):
         name = "trained forward" if torch.is_grad_enabled() else "reference forward"
@@ -117,8 +117,8 @@ def _instrument(recorder: PhaseRecorder) -> None:
         with recorder.phase("fused loss"):
             return fused_terms(*args, **kwargs)
 
-    trainer_module.final_hidden_states = timed_hidden_states
-    trainer_module.fused_regularizer_terms = timed_fused_terms
+    loss_paths_module.final_hidden_states = timed_hidden_states
+    loss_paths_module.fused_regularizer_terms = timed_fused_terms
 
 
 def run_row(row: str, batch: int, seq: int, steps: int, init: str) -> dict[str, Any]:

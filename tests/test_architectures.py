@@ -59,7 +59,7 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel, TrainingArguments
 
 import axolotl_balora.core.training.loss_path as loss_path_module
-import axolotl_balora.core.training.trainer as trainer_module
+import axolotl_balora.core.training.loss_paths as loss_paths_module
 from axolotl_balora.core import BALoRAConfig, apply_balora
 from axolotl_balora.core.ops.fused import LmHeadFactor
 from axolotl_balora.core.training.head_check import check_fused_head
@@ -333,13 +333,13 @@ def training_step(peft_model: PeftModel, batch: dict[str, torch.Tensor], args: T
                   monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Step:
     """One `compute_loss` in training mode, recording the path, its warnings and the fused terms."""
     fused: list[FusedLoss] = []
-    original: Callable = trainer_module.fused_regularizer_terms
+    original: Callable = loss_paths_module.fused_regularizer_terms
 
     def recording(*positional: Any, **keywords: Any) -> FusedLoss:
         fused.append(original(*positional, **keywords))
         return fused[-1]
 
-    monkeypatch.setattr(trainer_module, "fused_regularizer_terms", recording)
+    monkeypatch.setattr(loss_paths_module, "fused_regularizer_terms", recording)
     trainer = BALoRATrainer(model=peft_model, args=args, balora_config=CONFIG)
     peft_model.train()
     caplog.clear()

@@ -1,24 +1,24 @@
-"""Which loss a model trains with, chosen once: classification, fused, fused-sharded or plain.
+"""Which loss a model trains with, chosen once: classification, fused (sharded or not) or plain.
 
-Admission to the fused chunked loss is decided here and nowhere else, in two steps:
+Admission to the fused chunked loss is decided in two steps:
 
 * when a model first trains (and again only if the model or its output layer changes),
   `choose_loss_path` collects the reasons known in advance: the config
   (`chunk_size: 0`), a customized task loss, and the model's output layer
   (`fused_path_blocker`: not a frozen bias-free Linear, soft-capped or scaled logits,
   no `logits_to_keep`, a sharded weight no engine module owns);
-* on the first batch, `LossPath.admit_on_batch` compares the fused loss with the
-  model's own log-probabilities and loss (`head_check.py`), which catches what the
-  list misses. A failure falls back to the plain path for the rest of the run.
+* on the first batch, the fused path itself (`FusedPath.admit_on_batch` in
+  `loss_paths.py`) compares the fused loss with the model's own log-probabilities and
+  loss (`head_check.py`), which catches what the list misses. A failure falls back to
+  the plain path for the rest of the run.
 
-The Trainer mixin asks the chosen `LossPath` which loss to compute and nothing else.
+The chosen object (`loss_paths.py`) computes the loss; the Trainer mixin only asks for it.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass, field
 
 from peft import PeftModel
 from torch import nn
@@ -29,15 +29,9 @@ from ..ops.fused import LmHeadFactor
 from ..parallel.output_layer import output_layer_of, sharding_blocker
 from ..parallel.sharding import sharding_engine
 from .classification import uses_classification_form
-from .head_check import check_fused_head
+from .loss_paths import ClassificationPath, FusedPath, LossPath, PlainPath
 
 LOG = logging.getLogger(__name__)
-
-CLASSIFICATION = "classification"
-FUSED = "fused"
-FUSED_SHARDED = "fused-sharded"  # the output layer's weight is gathered for each micro-batch
-PLAIN = "plain"
-
 
 # Config attributes by which known models scale around the output layer: Granite
 # divides the logits by `logits_scaling`, Cohere multiplies them by `logit_scale`,
@@ -51,7 +45,7 @@ SOFTCAP_ATTRIBUTES = ("final_logit_softcapping", "logits_soft_cap")
 def fused_path_blocker(model: PeftModel) -> str | None:
     """Known reasons the chunked loss would not equal the model's own logits (None: none known).
 
-    A shortcut only: `LossPath.admit_on_batch` compares the two on the real batch
+    A shortcut only: `FusedPath.admit_on_batch` compares the two on the real batch
     before the first fused step and catches what this list misses.
     """
     base = model.get_base_model()
@@ -90,51 +84,6 @@ def output_layer_key(peft_model: nn.Module) -> tuple:
     return id(peft_model), id(head), None if weight is None else (id(weight), weight.dtype)
 
 
-@dataclass
-class LossPath:
-    """The loss chosen for one model and output layer, and the state that choice carries."""
-
-    key: tuple
-    kind: str
-    chunk_size: int
-    reason: str | None = None  # why the plain path (None on every other path)
-    head_r: LmHeadFactor = field(default_factory=LmHeadFactor)  # R of the head's QR, for the SVD term
-    head_checked: bool = False
-
-    @property
-    def fused(self) -> bool:
-        return self.kind in (FUSED, FUSED_SHARDED)
-
-    def describe(self) -> str:
-        if self.kind == CLASSIFICATION:
-            return "classification"
-        if self.fused:
-            return f"fused (chunk {self.chunk_size})"
-        return f"plain ({self.reason})"
-
-    def fall_back(self, reason: str) -> None:
-        self.kind, self.reason = PLAIN, reason
-        LOG.warning("BA-LoRA: regularizers from full logits (plain path): %s", reason)
-
-    def admit_on_batch(self, model: nn.Module, peft_model: PeftModel, model_inputs: dict, labels) -> bool:
-        """Whether this batch may take the fused path: checked against the model's own
-        log-probabilities and loss on the first batch (collective under torch.distributed,
-        so every rank takes the same path), remembered after."""
-        if not self.fused or self.head_checked:
-            return self.fused
-        check = check_fused_head(model, peft_model, model_inputs, labels)
-        self.head_checked = True
-        if check.reason is not None:
-            self.fall_back(check.reason)
-            return False
-        LOG.info(
-            "BA-LoRA: fused chunked loss (chunk %d tokens); checked against the model's own "
-            "log-probabilities on %d positions and its own loss (largest difference %.2g, tolerance %.2g)",
-            self.chunk_size, check.positions, check.error, check.tolerance,
-        )
-        return True
-
-
 def choose_loss_path(peft_model: PeftModel, config: BALoRAConfig, customized_task_loss: bool) -> LossPath:
     """The path for this model: the classification form, else fused unless a reason known
     in advance says the fused loss would not be the model's own."""
@@ -142,7 +91,7 @@ def choose_loss_path(peft_model: PeftModel, config: BALoRAConfig, customized_tas
     check_frozen_factors_active(peft_model)
     if uses_classification_form(peft_model, config.task):
         LOG.info("BA-LoRA: classification form (per-example logits, pooled features)")
-        return LossPath(key, CLASSIFICATION, config.chunk_size)
+        return ClassificationPath(key)
     head_weight = getattr(output_layer_of(peft_model), "weight", None)
     sharding = None if head_weight is None else sharding_engine(head_weight)
     if config.chunk_size == 0:
@@ -152,11 +101,9 @@ def choose_loss_path(peft_model: PeftModel, config: BALoRAConfig, customized_tas
     else:
         reason = fused_path_blocker(peft_model)
     if reason is not None:
-        path = LossPath(key, PLAIN, config.chunk_size)
-        path.fall_back(reason)
-        return path
+        return PlainPath.because(key, reason)
     if sharding is not None:
         LOG.info("BA-LoRA: the output layer's weight is sharded (%s); the fused loss gathers it "
                  "for each micro-batch", sharding)
-        return LossPath(key, FUSED_SHARDED, config.chunk_size, head_r=LmHeadFactor(fixed=True))
-    return LossPath(key, FUSED, config.chunk_size)
+        return FusedPath(key, config.chunk_size, head_r=LmHeadFactor(fixed=True))
+    return FusedPath(key, config.chunk_size)
