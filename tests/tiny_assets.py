@@ -86,33 +86,49 @@ def build_tokenizer(texts: list[str]):
     )
 
 
-def build_tiny_llama(directory: Path, seed: int = 0) -> Path:
-    """A 2-layer random LlamaForCausalLM + BPE tokenizer saved as a normal model folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def _tiny_tokenizer(seed: int):
     records = arithmetic_records(200, seed=seed)
     texts = [" ".join(r.values()) for r in records] + [
         "Below is an instruction that describes a task. Write a response that "
         "appropriately completes the request. ### Instruction: ### Response:"
     ]
-    tokenizer = build_tokenizer(texts)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    return build_tokenizer(texts)
+
+
+def _save_tiny(directory: Path, seed: int, make_model) -> Path:
+    """Build `make_model(tokenizer)` seeded and save it with its tokenizer as a model folder."""
+    import torch
+
+    tokenizer = _tiny_tokenizer(seed)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = make_model(tokenizer)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def _token_ids(tokenizer) -> dict:
+    return dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def build_tiny_llama(directory: Path, seed: int = 0) -> Path:
+    """A 2-layer random LlamaForCausalLM + BPE tokenizer saved as a normal model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _save_tiny(directory, seed, lambda tokenizer: LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        **_token_ids(tokenizer))))
+
+
+def build_tiny_qwen2_moe(directory: Path, seed: int = 0) -> Path:
+    """A 2-layer random Qwen2-MoE (4 routed experts, top-2, a shared expert), same tokenizer."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    return _save_tiny(directory, seed, lambda tokenizer: Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+        num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        **_token_ids(tokenizer))))
