@@ -76,9 +76,10 @@ def _recorded_forwards(peft_model: PeftModel) -> Iterator[_ForwardLog]:
     def record(_module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         logits = getattr(output, "logits", None)
-        if input_ids is not None and logits is not None:
-            log.calls.append(_Forward(input_ids, kwargs, logits, not probe.disable_adapters,
-                                      torch.is_grad_enabled()))
+        adapters_on, with_grad = not probe.disable_adapters, torch.is_grad_enabled()
+        if input_ids is None or logits is None or (adapters_on and not with_grad):
+            return  # neither a policy nor a reference forward (KTO's KL forward): not kept alive
+        log.calls.append(_Forward(input_ids, kwargs, logits, adapters_on, with_grad))
 
     handle = peft_model.register_forward_hook(record, with_kwargs=True)
     try:
@@ -175,9 +176,10 @@ class BALoRAPreferenceMixin(BALoRATrainerBase):
 
     @staticmethod
     def _reference_logits(peft_model: PeftModel, policy: _Forward) -> torch.Tensor:
-        """One adapter-disabled forward on the policy's inputs (the pre-trained model's logits)."""
+        """One adapter-disabled forward on the policy's inputs (the pre-trained model's logits),
+        through the PeftModel as the trainer calls it, so an engine's hooks on it run too."""
         inputs = {key: value for key, value in policy.kwargs.items() if key != "output_router_logits"}
         if "input_ids" not in inputs:
             inputs["input_ids"] = policy.input_ids
         with torch.no_grad(), peft_model.disable_adapter():
-            return peft_model.get_base_model()(**inputs).logits
+            return peft_model(**inputs).logits
