@@ -47,9 +47,13 @@ import torch
 
 BENCHMARKS = Path(__file__).resolve().parent
 SECTIONS = ("fused_memory", "init_time", "cli")
-# The distributions whose version and location the report records.
-PACKAGES = ("torch", "triton", "transformers", "accelerate", "peft", "trl", "datasets", "axolotl",
-            "axolotl-balora", "bitsandbytes", "flash-attn", "pydantic", "numba")
+# Distribution -> its module: the report records each one's version (from its metadata) and the
+# folder its module is imported from, which tells the image's packages from the bundle's (and
+# numba's stand-in in the bundle, which has no metadata).
+PACKAGES = {"torch": "torch", "triton": "triton", "transformers": "transformers", "accelerate": "accelerate",
+            "peft": "peft", "trl": "trl", "datasets": "datasets", "axolotl": "axolotl",
+            "axolotl-balora": "axolotl_balora", "bitsandbytes": "bitsandbytes", "flash-attn": "flash_attn",
+            "pydantic": "pydantic", "numba": "numba"}
 # (vocab, hidden, batch, seq) of the loss-memory section.
 LOSS_SHAPE = {"gpu": (128256, 4096, 4, 2048), "smoke": (512, 32, 2, 16)}
 # One decoder layer's worth of matrices: Llama-2-7B on the GPU, tiny in the smoke run.
@@ -82,16 +86,19 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def package_versions() -> dict[str, dict[str, str] | None]:
+def package_versions() -> dict[str, dict[str, str | None] | None]:
     """Version and folder of each of `PACKAGES` as this interpreter finds them (None: not installed)."""
-    found: dict[str, dict[str, str] | None] = {}
-    for name in PACKAGES:
-        try:
-            distribution = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
+    found: dict[str, dict[str, str | None] | None] = {}
+    for name, module in PACKAGES.items():
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
             found[name] = None
             continue
-        found[name] = {"version": distribution.version, "location": str(distribution.locate_file(""))}
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            version = None
+        found[name] = {"version": version, "location": str(Path(spec.origin).parents[1])}
     return found
 
 

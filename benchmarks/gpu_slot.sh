@@ -26,7 +26,9 @@ trap 'rm -rf "$site"' EXIT
 
 started=$SECONDS
 # --no-compile: each process writes the bytecode of what it imports, a fraction of the bundle.
-"$python" -m pip install --no-index --no-deps --no-compile --target "$site" "${wheels[@]}" >"$out/install.log" 2>&1 \
+# The image's pip settings (some images set a constraint file) are not for a folder of its own.
+env -u PIP_CONSTRAINT -u PIP_REQUIRE_VIRTUALENV PIP_CONFIG_FILE=/dev/null \
+    "$python" -m pip install --no-index --no-deps --no-compile --target "$site" "${wheels[@]}" >"$out/install.log" 2>&1 \
     || { tail -20 "$out/install.log" >&2; exit 1; }
 echo "[gpu_slot] ${#wheels[@]} wheels installed in $((SECONDS - started)) s into $site"
 

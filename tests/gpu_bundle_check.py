@@ -29,7 +29,8 @@ IMAGE_PYTHON = os.environ.get("GPU_IMAGE_PYTHON", "")
 IMAGE_PINS = {"torch": "2.11.0", "transformers": "5.17.0", "accelerate": "1.15.0"}
 BUNDLED = {"axolotl": "0.19.0", "transformers": "5.16.1", "peft": "0.20.0", "accelerate": "1.13.0",
            "trl": "1.9.0", "datasets": "4.8.4", "pydantic": "2.12.5", "axolotl-balora": "0.1.0"}
-NOT_IN_IMAGE = ("axolotl", "datasets", "trl", "bitsandbytes", "pydantic", "flash-attn", "numba")
+NOT_IN_IMAGE = ("axolotl", "datasets", "trl", "bitsandbytes", "pydantic", "annotated-types", "typing-inspection",
+                "flash-attn", "numba")
 
 
 def bare_env(**extra: str) -> dict[str, str]:
@@ -101,4 +102,4 @@ def test_the_check_ran_on_the_image_torch_and_the_bundled_stack(slot_run):
     for name, version in BUNDLED.items():
         assert packages[name] == {"version": version, "location": bundle_site}, name
     # numba's stand-in (ci/gpu_shims) has no metadata; flash-attn is not bundled (sdpa instead)
-    assert packages["numba"] is None and packages["flash-attn"] is None
+    assert packages["numba"] == {"version": None, "location": bundle_site} and packages["flash-attn"] is None
